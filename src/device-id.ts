@@ -1,0 +1,28 @@
+// The rules for a caller-chosen device id (cocoon.md A.1, contract.md).
+import { VfiodError } from "./errors";
+
+const DEVICE_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
+/** cocoon reserves ids with this prefix for its own devices. */
+const RESERVED_PREFIX = "cocoon-";
+
+/**
+ * Checks an optional device id; "" means "let the backend choose".
+ * @throws VfiodError INVALID_ARGUMENT when the id breaks the rules.
+ */
+export function checkDeviceId(id: string): string {
+  if (id === "") return id;
+  if (!DEVICE_ID.test(id) || id.startsWith(RESERVED_PREFIX)) {
+    const shown = id.length > 80 ? `${JSON.stringify(id.slice(0, 80))}...` : JSON.stringify(id);
+    throw new VfiodError(
+      "INVALID_ARGUMENT",
+      `id ${shown} invalid: must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63} and not start with ${RESERVED_PREFIX}`,
+    );
+  }
+  return id;
+}
+
+/** Checks an id that must be given (Detach). */
+export function requireDeviceId(id: string): string {
+  if (id === "") throw new VfiodError("INVALID_ARGUMENT", "id is required");
+  return checkDeviceId(id);
+}

@@ -1,0 +1,13 @@
+// Structured JSON logs on stderr (pino): one line per event, machine-readable.
+import pino from "pino";
+
+export type Logger = pino.Logger;
+
+export function createLogger(level: string = process.env.VFIOD_LOG_LEVEL ?? "info"): Logger {
+  return pino({ level, base: { service: "vfiod" } }, pino.destination(2));
+}
+
+/** A logger that drops everything, for tests that do not look at logs. */
+export function silentLogger(): Logger {
+  return pino({ level: "silent" });
+}
