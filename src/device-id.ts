@@ -21,8 +21,17 @@ export function checkDeviceId(id: string): string {
   return id;
 }
 
-/** Checks an id that must be given (Detach). */
+const MAX_EXISTING_ID = 128;
+
+/**
+ * Checks the id of a device that is already attached (Detach). Looser than
+ * checkDeviceId: hypervisors choose ids outside the caller's rules (Cloud
+ * Hypervisor's "_vfio2"), and those must stay removable.
+ */
 export function requireDeviceId(id: string): string {
   if (id === "") throw new VfiodError("INVALID_ARGUMENT", "id is required");
-  return checkDeviceId(id);
+  if (id.length > MAX_EXISTING_ID || /\p{Cc}/u.test(id)) {
+    throw new VfiodError("INVALID_ARGUMENT", `id invalid: at most ${MAX_EXISTING_ID} printable characters`);
+  }
+  return id;
 }

@@ -1,0 +1,159 @@
+// Maps protoc-gen-es service descriptors onto @grpc/grpc-js, in both directions:
+// a server-side service definition plus typed handlers, and a typed client.
+// protoc-gen-es v2 emits descriptors, not grpc-js stubs; this is the one place
+// that bridges them (walks DescService.methods, keys by /package.Service/Method).
+import * as grpc from "@grpc/grpc-js";
+import {
+  create,
+  fromBinary,
+  toBinary,
+  type DescMessage,
+  type DescMethod,
+  type DescService,
+  type Message,
+  type MessageInitShape,
+  type MessageShape,
+} from "@bufbuild/protobuf";
+
+type Methods<S extends DescService> = S["method"];
+type InputOf<M> = M extends { input: infer I extends DescMessage } ? I : never;
+type OutputOf<M> = M extends { output: infer O extends DescMessage } ? O : never;
+
+/** What a handler gets besides the request. */
+export interface CallContext {
+  /** Aborts when the caller's deadline passes (reason: TimeoutError) or the caller cancels. */
+  readonly signal: AbortSignal;
+  readonly call: grpc.ServerUnaryCall<Message, Message>;
+}
+
+export type UnaryHandler<M> = (
+  request: MessageShape<InputOf<M>>,
+  context: CallContext,
+) => Promise<MessageInitShape<OutputOf<M>>>;
+
+export type ServiceHandlers<S extends DescService> = { [K in keyof Methods<S>]: UnaryHandler<Methods<S>[K]> };
+
+/** Turns whatever a handler threw into the status the caller gets. */
+export type ErrorToStatus = (err: unknown, method: DescMethod) => Partial<grpc.StatusObject>;
+
+function unaryMethods(service: DescService): DescMethod[] {
+  for (const method of service.methods) {
+    if (method.methodKind !== "unary") {
+      throw new Error(`${service.typeName}.${method.name}: only unary methods are supported, not ${method.methodKind}`);
+    }
+  }
+  return service.methods;
+}
+
+function methodPath(method: DescMethod): string {
+  return `/${method.parent.typeName}/${method.name}`;
+}
+
+function serializer(desc: DescMessage) {
+  // grpc-js writes what the serializer returns as-is and needs a Buffer.
+  return (message: Message): Buffer => {
+    const bytes = toBinary(desc, message);
+    return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  };
+}
+
+function deserializer(desc: DescMessage) {
+  return (bytes: Buffer): Message => fromBinary(desc, bytes);
+}
+
+/** The grpc-js definition of a protoc-gen-es service (unary methods only). */
+export function serviceDefinition(service: DescService): grpc.ServiceDefinition {
+  const definition: Record<string, grpc.MethodDefinition<Message, Message>> = {};
+  for (const method of unaryMethods(service)) {
+    definition[method.name] = {
+      path: methodPath(method),
+      requestStream: false,
+      responseStream: false,
+      requestSerialize: serializer(method.input),
+      requestDeserialize: deserializer(method.input),
+      responseSerialize: serializer(method.output),
+      responseDeserialize: deserializer(method.output),
+      originalName: method.localName,
+    };
+  }
+  return definition;
+}
+
+/** An AbortSignal that follows the call's deadline and its cancellation. */
+export function callSignal(call: grpc.ServerUnaryCall<Message, Message>): AbortSignal {
+  const cancelled = new AbortController();
+  call.once("cancelled", () => cancelled.abort(new DOMException("the caller cancelled the call", "AbortError")));
+  const deadline = call.getDeadline();
+  const at = deadline instanceof Date ? deadline.getTime() : deadline;
+  if (!Number.isFinite(at)) return cancelled.signal;
+  return AbortSignal.any([cancelled.signal, AbortSignal.timeout(Math.max(0, at - Date.now()))]);
+}
+
+/**
+ * Binds typed handlers to a service definition. A handler's rejection goes
+ * through `toStatus`; a method without a handler is a type error.
+ */
+export function serviceImplementation<S extends DescService>(
+  service: S,
+  handlers: ServiceHandlers<S>,
+  toStatus: ErrorToStatus,
+): grpc.UntypedServiceImplementation {
+  const implementation: grpc.UntypedServiceImplementation = {};
+  for (const method of unaryMethods(service)) {
+    const handler = (handlers as Record<string, UnaryHandler<DescMethod>>)[method.localName];
+    if (handler === undefined) throw new Error(`${service.typeName}.${method.name} has no handler`);
+    const unary: grpc.handleUnaryCall<Message, Message> = (call, callback) => {
+      handler(call.request as never, { signal: callSignal(call), call }).then(
+        (response) => callback(null, create(method.output, response as never)),
+        (err: unknown) => callback(toStatus(err, method) as grpc.ServerErrorResponse),
+      );
+    };
+    implementation[method.name] = unary;
+  }
+  return implementation;
+}
+
+export interface CallOptions {
+  /** Deadline for this call, from now. */
+  timeoutMs?: number;
+  metadata?: grpc.Metadata;
+}
+
+export type ServiceClient<S extends DescService> = {
+  [K in keyof Methods<S>]: (
+    request: MessageInitShape<InputOf<Methods<S>[K]>>,
+    options?: CallOptions,
+  ) => Promise<MessageShape<OutputOf<Methods<S>[K]>>>;
+} & {
+  /** The underlying grpc-js client (for waitForReady, channel state). */
+  readonly grpc: grpc.Client;
+  close(): void;
+};
+
+/** A typed promise client for a protoc-gen-es service over grpc-js. */
+export function createClient<S extends DescService>(
+  service: S,
+  target: string,
+  credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+  channelOptions: grpc.ChannelOptions = {},
+): ServiceClient<S> {
+  const client = new grpc.Client(target, credentials, channelOptions);
+  const methods: Record<string, unknown> = {};
+  for (const method of unaryMethods(service)) {
+    methods[method.localName] = (request: MessageInitShape<DescMessage>, options: CallOptions = {}) =>
+      new Promise<Message>((resolve, reject) => {
+        const callOptions: grpc.CallOptions = {};
+        if (options.timeoutMs !== undefined) callOptions.deadline = Date.now() + options.timeoutMs;
+        client.makeUnaryRequest(
+          methodPath(method),
+          serializer(method.input),
+          deserializer(method.output),
+          create(method.input, request),
+          options.metadata ?? new grpc.Metadata(),
+          callOptions,
+          (err, response) => (err || response === undefined ? reject(err) : resolve(response)),
+        );
+      });
+  }
+  return Object.assign(methods, { grpc: client, close: () => client.close() }) as ServiceClient<S>;
+}

@@ -1,0 +1,118 @@
+// Host checks before any hypervisor is asked: the device exists, is bound to a
+// VFIO driver, and its IOMMU group is viable. Read-only sysfs under a root
+// prefix (tests use a fake tree). Facts: ../shared/reference/host-vfio-sysfs.md
+// §1, §3, §5, §6.
+import fs from "node:fs/promises";
+import path from "node:path";
+import { VfiodError } from "../errors";
+import type { PciAddress } from "../pci/address";
+
+/** One PCI function as sysfs shows it. */
+interface HostFunction {
+  readonly bdf: string;
+  /** Bound driver name, or undefined when unbound. */
+  readonly driver: string | undefined;
+  /** PCI class code, e.g. 0x060400 for a PCI-to-PCI bridge. */
+  readonly pciClass: number | undefined;
+}
+
+/** vfio-pci and vendor variants (mlx5_vfio_pci, nvgrace_gpu_vfio_pci, xe-vfio-pci, ...). */
+export function isVfioDriver(driver: string): boolean {
+  return driver === "vfio-pci" || /[-_]vfio[-_]pci$/.test(driver);
+}
+
+/**
+ * Drivers that leave a group usable for user DMA: VFIO drivers, pci-stub and
+ * pcieport mark driver_managed_dma (Linux 5.19+); before 5.19 any bridge was
+ * tolerated whatever its driver, so bridges are accepted too (§3).
+ */
+function keepsGroupViable(fn: HostFunction): boolean {
+  if (fn.driver === undefined) return true;
+  if (isVfioDriver(fn.driver) || fn.driver === "pci-stub" || fn.driver === "pcieport") return true;
+  return fn.pciClass !== undefined && fn.pciClass >> 8 === 0x0604;
+}
+
+async function readLinkName(link: string): Promise<string | undefined> {
+  try {
+    return path.basename(await fs.readlink(link));
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw err;
+  }
+}
+
+async function readClass(dir: string): Promise<number | undefined> {
+  try {
+    const value = Number.parseInt((await fs.readFile(path.join(dir, "class"), "utf8")).trim(), 16);
+    return Number.isNaN(value) ? undefined : value;
+  } catch {
+    return undefined;
+  }
+}
+
+function bindCommands(bdf: string, driver: string | undefined): string {
+  const dev = `/sys/bus/pci/devices/${bdf}`;
+  const unbind = driver === undefined ? "" : `echo ${bdf} > ${dev}/driver/unbind; `;
+  return `modprobe vfio-pci; echo vfio-pci > ${dev}/driver_override; ${unbind}echo ${bdf} > /sys/bus/pci/drivers_probe`;
+}
+
+export class HostPreflight {
+  /** @param sysfsRoot where sys/bus/pci/devices and sys/kernel/iommu_groups are read ("/" on a real host). */
+  constructor(private readonly sysfsRoot: string) {}
+
+  private devicesDir(): string {
+    return path.join(this.sysfsRoot, "sys/bus/pci/devices");
+  }
+
+  private async readFunction(bdf: string): Promise<HostFunction> {
+    const dir = path.join(this.devicesDir(), bdf);
+    return { bdf, driver: await readLinkName(path.join(dir, "driver")), pciClass: await readClass(dir) };
+  }
+
+  /**
+   * Refuses a device that cannot be handed to a VM as it stands.
+   * @throws DEVICE_NOT_FOUND, DEVICE_NOT_VFIO, IOMMU_GROUP_NOT_VIABLE
+   */
+  async check(device: PciAddress): Promise<void> {
+    const dir = path.join(this.devicesDir(), device.bdf);
+    const meta = { device: device.bdf };
+    const stat = await fs.stat(dir).catch(() => undefined);
+    if (stat === undefined || !stat.isDirectory()) {
+      throw new VfiodError("DEVICE_NOT_FOUND", `host PCI device ${device.bdf} does not exist`, { meta });
+    }
+    const self = await this.readFunction(device.bdf);
+    if (self.driver === undefined || !isVfioDriver(self.driver)) {
+      const current = self.driver === undefined ? "is bound to no driver" : `is bound to ${self.driver}`;
+      throw new VfiodError(
+        "DEVICE_NOT_VFIO",
+        `host PCI device ${device.bdf} ${current}, not vfio-pci; bind it with: ${bindCommands(device.bdf, self.driver)}`,
+        { meta: { ...meta, driver: self.driver ?? "" } },
+      );
+    }
+    const group = await readLinkName(path.join(dir, "iommu_group"));
+    if (group === undefined) {
+      throw new VfiodError(
+        "IOMMU_GROUP_NOT_VIABLE",
+        `host PCI device ${device.bdf} has no IOMMU group: the IOMMU is off; enable it (e.g. intel_iommu=on or amd_iommu=on on the kernel command line) and reboot`,
+        { meta },
+      );
+    }
+    const offenders: HostFunction[] = [];
+    const members = await fs.readdir(path.join(this.sysfsRoot, "sys/kernel/iommu_groups", group, "devices"));
+    for (const member of members.sort()) {
+      if (member === device.bdf) continue;
+      const fn = await this.readFunction(member);
+      if (!keepsGroupViable(fn)) offenders.push(fn);
+    }
+    if (offenders.length > 0) {
+      const named = offenders.map((fn) => `${fn.bdf} (driver ${fn.driver})`).join(", ");
+      throw new VfiodError(
+        "IOMMU_GROUP_NOT_VIABLE",
+        `IOMMU group ${group} of ${device.bdf} is not viable: ${named} ` +
+          `${offenders.length === 1 ? "is" : "are"} bound to a host driver; bind every device of the group to vfio-pci ` +
+          `(or unbind it), e.g. ${offenders.map((fn) => bindCommands(fn.bdf, fn.driver)).join("; ")}`,
+        { meta: { ...meta, iommu_group: group, offenders: offenders.map((fn) => fn.bdf).join(",") } },
+      );
+    }
+  }
+}

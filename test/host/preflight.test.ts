@@ -1,0 +1,98 @@
+import { VfiodError } from "../../src/errors";
+import { HostPreflight, isVfioDriver } from "../../src/host/preflight";
+import { parsePciAddress } from "../../src/pci/address";
+import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
+
+let sysfs: FakeSysfs;
+let preflight: HostPreflight;
+
+beforeEach(() => {
+  sysfs = buildFakeSysfs([
+    { bdf: "0000:01:00.0", driver: "vfio-pci", group: 12 },
+    { bdf: "0000:01:00.1", driver: "vfio-pci", group: 12, pciClass: "0x040300" },
+    { bdf: "0000:02:00.0", driver: "nvidia", group: 13 },
+    { bdf: "0000:03:00.0", group: 14 },
+    { bdf: "0000:04:00.0", driver: "vfio-pci", group: 15 },
+    { bdf: "0000:04:00.1", driver: "snd_hda_intel", group: 15, pciClass: "0x040300" },
+    { bdf: "0000:04:00.2", driver: "xhci_hcd", group: 15, pciClass: "0x0c0330" },
+    { bdf: "0000:05:00.0", driver: "mlx5_vfio_pci", group: 16 },
+    { bdf: "0000:05:00.1", group: 16 },
+    { bdf: "0000:05:00.2", driver: "pcieport", group: 16, pciClass: "0x060400" },
+    { bdf: "0000:05:00.3", driver: "pci-stub", group: 16 },
+    { bdf: "0000:05:00.4", driver: "shpchp", group: 16, pciClass: "0x060400" },
+    { bdf: "0000:06:00.0", driver: "vfio-pci" },
+  ]);
+  preflight = new HostPreflight(sysfs.root);
+});
+afterEach(() => sysfs.cleanup());
+
+async function refusal(bdf: string): Promise<VfiodError> {
+  const err = await preflight.check(parsePciAddress(bdf)).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  if (!(err instanceof VfiodError)) throw new Error(`expected a refusal for ${bdf}, got ${String(err)}`);
+  return err;
+}
+
+test("a vfio-bound device whose group is all vfio passes", async () => {
+  await expect(preflight.check(parsePciAddress("01:00.0"))).resolves.toBeUndefined();
+});
+
+test("a group of vfio variants, unbound, pcieport, pci-stub and bridges passes", async () => {
+  await expect(preflight.check(parsePciAddress("05:00.0"))).resolves.toBeUndefined();
+});
+
+test("a missing device is DEVICE_NOT_FOUND", async () => {
+  const err = await refusal("0000:09:00.0");
+  expect(err.reason).toBe("DEVICE_NOT_FOUND");
+  expect(err.message).toContain("0000:09:00.0");
+});
+
+test("a device on another driver is DEVICE_NOT_VFIO, naming the driver and the bind commands", async () => {
+  const err = await refusal("02:00.0");
+  expect(err.reason).toBe("DEVICE_NOT_VFIO");
+  expect(err.message).toContain("bound to nvidia");
+  expect(err.message).toContain("echo vfio-pci > /sys/bus/pci/devices/0000:02:00.0/driver_override");
+  expect(err.message).toContain("echo 0000:02:00.0 > /sys/bus/pci/devices/0000:02:00.0/driver/unbind");
+  expect(err.meta).toMatchObject({ driver: "nvidia" });
+});
+
+test("an unbound device is DEVICE_NOT_VFIO too", async () => {
+  const err = await refusal("03:00.0");
+  expect(err.reason).toBe("DEVICE_NOT_VFIO");
+  expect(err.message).toContain("bound to no driver");
+  expect(err.message).not.toContain("unbind");
+});
+
+test("a group with host-driver companions is IOMMU_GROUP_NOT_VIABLE, naming each with its driver", async () => {
+  const err = await refusal("04:00.0");
+  expect(err.reason).toBe("IOMMU_GROUP_NOT_VIABLE");
+  expect(err.message).toContain("0000:04:00.1 (driver snd_hda_intel)");
+  expect(err.message).toContain("0000:04:00.2 (driver xhci_hcd)");
+  expect(err.meta).toMatchObject({ iommu_group: "15", offenders: "0000:04:00.1,0000:04:00.2" });
+});
+
+test("the group becomes viable once the companion is rebound", async () => {
+  sysfs.setDriver("0000:04:00.1", "vfio-pci");
+  sysfs.setDriver("0000:04:00.2", undefined);
+  await expect(preflight.check(parsePciAddress("04:00.0"))).resolves.toBeUndefined();
+});
+
+test("no iommu_group link (IOMMU off) is refused with how to turn it on", async () => {
+  const err = await refusal("06:00.0");
+  expect(err.reason).toBe("IOMMU_GROUP_NOT_VIABLE");
+  expect(err.message).toContain("intel_iommu=on");
+});
+
+test.each([
+  ["vfio-pci", true],
+  ["mlx5_vfio_pci", true],
+  ["xe-vfio-pci", true],
+  ["nvgrace_gpu_vfio_pci", true],
+  ["vfio", false],
+  ["nvidia", false],
+  ["vfio-pci-evil", false],
+])("isVfioDriver(%j) is %j", (driver, expected) => {
+  expect(isVfioDriver(driver)).toBe(expected);
+});
