@@ -104,7 +104,6 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   } finally {
     process.env = savedEnv;
   }
-  if (command.args.length > 0) throw new UsageError(`unexpected argument ${JSON.stringify(command.args[0])}`, usage);
   const o = command.opts();
   const config: Config = {
     listen: o.listen,
