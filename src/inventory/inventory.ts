@@ -1,0 +1,190 @@
+// Every VM vfiod can reach: the --inventory file plus cocoon's records, re-read
+// when they change so a VM created after start is found without a restart.
+// Change is seen by stat (ino, size, mtime) on every call rather than fs.watch:
+// cocoon replaces its index by rename, which a watch on the old inode misses.
+import type { Stats } from "node:fs";
+import fsp from "node:fs/promises";
+import { isVfiodError, VfiodError } from "../errors";
+import type { Logger } from "../log";
+import {
+  checkCocoonVm,
+  COCOON_BACKENDS,
+  cocoonIndexPath,
+  cocoonMetaDbPath,
+  parseCocoonIndex,
+  type CocoonVm,
+} from "./cocoon";
+import { resolveVm } from "./resolve";
+import { parseInventoryFile } from "./static-file";
+import type { VmRecord, VmSource } from "./vm";
+
+export interface InventoryOptions {
+  /** The --inventory file; absent = no static VMs. */
+  inventoryFile?: string;
+  /** cocoon's root_dir; absent = no cocoon VMs. */
+  cocoonRoot?: string;
+  /** Where pids are looked up for cocoon's liveness check (tests use a fake). */
+  procRoot?: string;
+  log: Logger;
+}
+
+function errnoOf(err: unknown): string {
+  return (err as NodeJS.ErrnoException).code ?? "unknown error";
+}
+
+/** What a file held when last read: a missing file holds no VMs. */
+interface FileState<T> {
+  readonly items: readonly T[];
+  /** The file exists but could not be used (already logged). */
+  readonly unreadable: boolean;
+}
+
+/**
+ * One records file, parsed again only when its (ino, size, mtime) changes.
+ * A file that cannot be used contributes no VMs and is logged once per version;
+ * a stat error stands in for the version, so it too is logged once.
+ */
+class WatchedFile<T> {
+  private version: string | undefined;
+  private state: FileState<T> = { items: [], unreadable: false };
+  // Concurrent calls share one look at the file, so a bad version is logged once.
+  private pending: Promise<FileState<T>> | undefined;
+
+  constructor(
+    private readonly path: string,
+    private readonly source: VmSource,
+    private readonly parse: (text: string) => T[],
+    private readonly log: Logger,
+  ) {}
+
+  read(): Promise<FileState<T>> {
+    this.pending ??= this.refresh().finally(() => {
+      this.pending = undefined;
+    });
+    return this.pending;
+  }
+
+  private async refresh(): Promise<FileState<T>> {
+    let stat: Stats;
+    try {
+      stat = await fsp.stat(this.path);
+    } catch (err) {
+      const code = errnoOf(err);
+      if (code === "ENOENT") return this.settle(undefined, { items: [], unreadable: false });
+      return this.version === code ? this.state : this.fail(code, err);
+    }
+    const version = `${stat.ino}:${stat.size}:${stat.mtimeMs}`;
+    if (version === this.version) return this.state;
+    if (!stat.isFile()) return this.fail(version, new Error("not a regular file"));
+    try {
+      return this.settle(version, { items: this.parse(await fsp.readFile(this.path, "utf8")), unreadable: false });
+    } catch (err) {
+      return this.fail(version, err);
+    }
+  }
+
+  private settle(version: string | undefined, state: FileState<T>): FileState<T> {
+    this.version = version;
+    this.state = state;
+    return state;
+  }
+
+  private fail(version: string, err: unknown): FileState<T> {
+    this.log.error(
+      { path: this.path, source: this.source, err },
+      "VM records file unusable; its VMs are unavailable until it changes",
+    );
+    return this.settle(version, { items: [], unreadable: true });
+  }
+}
+
+interface Snapshot {
+  readonly fixed: readonly VmRecord[];
+  readonly cocoon: readonly CocoonVm[];
+  /** Some records exist that vfiod could not read, so a miss may be a false one. */
+  readonly incomplete: boolean;
+}
+
+export class Inventory {
+  private readonly inventoryFile: WatchedFile<VmRecord> | undefined;
+  private readonly cocoonFiles: WatchedFile<CocoonVm>[];
+  private readonly metaDb: string | undefined;
+  private metaDbLogged = false;
+  private readonly procRoot: string | undefined;
+  private readonly log: Logger;
+
+  constructor(options: InventoryOptions) {
+    const { inventoryFile, cocoonRoot, log } = options;
+    this.log = log;
+    this.procRoot = options.procRoot;
+    this.inventoryFile =
+      inventoryFile === undefined ? undefined : new WatchedFile(inventoryFile, "inventory", parseInventoryFile, log);
+    this.cocoonFiles =
+      cocoonRoot === undefined
+        ? []
+        : COCOON_BACKENDS.map((backend) => {
+            const parse = (text: string) => parseCocoonIndex(text, cocoonRoot, backend);
+            return new WatchedFile(cocoonIndexPath(cocoonRoot, backend), "cocoon", parse, log);
+          });
+    this.metaDb = cocoonRoot === undefined ? undefined : cocoonMetaDbPath(cocoonRoot);
+  }
+
+  /**
+   * The VM `ref` names (id, name or unique id prefix of 3+ characters) across all
+   * sources. A cocoon VM that is not reachable now comes back with `notRunning`.
+   * @throws VfiodError INVALID_ARGUMENT, VM_NOT_FOUND, VM_AMBIGUOUS.
+   */
+  async resolve(ref: string): Promise<VmRecord> {
+    const snapshot = await this.snapshot();
+    let found: VmRecord;
+    try {
+      found = resolveVm(ref, [...snapshot.fixed, ...snapshot.cocoon.map((vm) => vm.record)]);
+    } catch (err) {
+      if (snapshot.incomplete && isVfiodError(err, "VM_NOT_FOUND")) {
+        const message = `${err.message}; some VM records could not be read (see the vfiod log)`;
+        throw new VfiodError("VM_NOT_FOUND", message, { cause: err });
+      }
+      throw err;
+    }
+    const cocoonVm = snapshot.cocoon.find((vm) => vm.record === found);
+    return cocoonVm === undefined ? found : checkCocoonVm(cocoonVm, this.procRoot);
+  }
+
+  /** Every VM from every source, cocoon ones with their liveness checked now. */
+  async all(): Promise<VmRecord[]> {
+    const snapshot = await this.snapshot();
+    const cocoon = await Promise.all(snapshot.cocoon.map((vm) => checkCocoonVm(vm, this.procRoot)));
+    return [...snapshot.fixed, ...cocoon];
+  }
+
+  private async snapshot(): Promise<Snapshot> {
+    const [fixed, metaDb, ...cocoon] = await Promise.all([
+      this.inventoryFile?.read() ?? { items: [], unreadable: false },
+      this.metaDbExists(),
+      ...this.cocoonFiles.map((file) => file.read()),
+    ]);
+    return {
+      fixed: fixed.items,
+      cocoon: cocoon.flatMap((file) => file.items),
+      incomplete: metaDb || fixed.unreadable || cocoon.some((file) => file.unreadable),
+    };
+  }
+
+  private async metaDbExists(): Promise<boolean> {
+    if (this.metaDb === undefined) return false;
+    try {
+      await fsp.stat(this.metaDb);
+    } catch {
+      return false;
+    }
+    if (!this.metaDbLogged) {
+      this.metaDbLogged = true;
+      this.log.warn(
+        { path: this.metaDb },
+        "cocoon keeps VM records in sqlite here (newer cocoon); vfiod reads only " +
+          "<cocoon-root>/<backend>/db/vms.json, so VMs recorded only in this database are invisible to vfiod",
+      );
+    }
+    return true;
+  }
+}
