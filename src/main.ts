@@ -3,10 +3,7 @@
 import * as grpc from "@grpc/grpc-js";
 import fs from "node:fs";
 import { promisify } from "node:util";
-import { CloudHypervisorBackend } from "./backends/cloud-hypervisor/backend";
-import { FirecrackerBackend } from "./backends/firecracker";
-import { QemuBackend } from "./backends/qemu/backend";
-import { BackendRegistry } from "./backends/registry";
+import { defaultBackends } from "./backends/all";
 import { parseConfig, UsageError, type Config } from "./config";
 import { createVfiodServer } from "./grpc/server";
 import { HostPreflight } from "./host/preflight";
@@ -18,14 +15,6 @@ import { groupId } from "./unix-socket";
 
 /** How long draining waits for in-flight calls before cutting them off. */
 const DRAIN_TIMEOUT_MS = 30_000;
-
-/** The one list of hypervisor backends: a new hypervisor is one line here. */
-export function defaultBackends(): BackendRegistry {
-  return new BackendRegistry()
-    .register("cloud-hypervisor", new CloudHypervisorBackend())
-    .register("qemu", new QemuBackend())
-    .register("firecracker", new FirecrackerBackend());
-}
 
 function serverCredentials(config: Config): grpc.ServerCredentials {
   if (config.tlsCert === undefined || config.tlsKey === undefined) return grpc.ServerCredentials.createInsecure();
