@@ -2,6 +2,7 @@
 // read from VFIOD_<FLAG>. Parsing is pure: it returns a Config or throws UsageError.
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
 import net from "node:net";
+import { DeviceAllowList } from "./host/device-allow-list";
 
 export interface Config {
   /** HOST:PORT for gRPC over TCP. */
@@ -18,6 +19,11 @@ export interface Config {
   readonly tlsKey: string | undefined;
   readonly tlsClientCa: string | undefined;
   readonly insecure: boolean;
+  /** Certificate CNs / DNS SANs allowed to call; undefined = any client that passes TLS. */
+  readonly allowClients: ReadonlySet<string> | undefined;
+  readonly allowDevices: DeviceAllowList | undefined;
+  readonly auditLog: string | undefined;
+  readonly metricsListen: string | undefined;
   readonly logLevel: string;
 }
 
@@ -84,6 +90,10 @@ function buildCommand(): Command {
     .addOption(option("--tls-key <file>", "server private key (PEM)"))
     .addOption(option("--tls-client-ca <file>", "CA (PEM) client certificates must chain to (mTLS)"))
     .addOption(option("--insecure", "allow plaintext gRPC on a non-loopback address"))
+    .addOption(option("--allow-client <names>", "comma-separated client certificate CNs or DNS SANs allowed to call (needs mTLS)"))
+    .addOption(option("--allow-devices <list>", "comma-separated vendor:device (hex, * wildcard) or BDF; others are refused"))
+    .addOption(option("--audit-log <file>", "append one JSON line per Attach/Detach; - for stderr"))
+    .addOption(option("--metrics-listen <host:port>", "serve Prometheus metrics on /metrics").argParser(parseHostPort))
     .addOption(option("--log-level <level>", "trace, debug, info, warn, error").default("info"))
     .helpOption("-h, --help", "show this help")
     .exitOverride()
@@ -105,7 +115,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     process.env = savedEnv;
   }
   const o = command.opts();
-  const config: Config = {
+  let config: Config = {
     listen: o.listen,
     socket: o.socket,
     socketMode: o.socketMode,
@@ -118,8 +128,25 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     tlsKey: o.tlsKey,
     tlsClientCa: o.tlsClientCa,
     insecure: o.insecure === true || o.insecure === "true" || o.insecure === "1",
+    allowClients:
+      o.allowClient === undefined
+        ? undefined
+        : new Set((o.allowClient as string).split(",").map((name) => name.trim()).filter((name) => name !== "")),
+    allowDevices: undefined,
+    auditLog: o.auditLog,
+    metricsListen: o.metricsListen,
     logLevel: o.logLevel,
   };
+  if (o.allowDevices !== undefined) {
+    try {
+      config = { ...config, allowDevices: DeviceAllowList.parse(o.allowDevices, config.sysfsRoot) };
+    } catch (err) {
+      throw new UsageError((err as Error).message, usage);
+    }
+  }
+  if (config.allowClients !== undefined && config.tlsClientCa === undefined) {
+    throw new UsageError("--allow-client needs mTLS: give --tls-client-ca too", usage);
+  }
   if ((config.tlsCert === undefined) !== (config.tlsKey === undefined)) {
     throw new UsageError("--tls-cert and --tls-key go together", usage);
   }

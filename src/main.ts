@@ -3,14 +3,16 @@
 import * as grpc from "@grpc/grpc-js";
 import fs from "node:fs";
 import { promisify } from "node:util";
+import { AuditLog } from "./audit";
 import { defaultBackends } from "./backends/all";
 import { parseConfig, UsageError, type Config } from "./config";
 import { createVfiodServer } from "./grpc/server";
 import { HostPreflight } from "./host/preflight";
 import { Inventory } from "./inventory/inventory";
 import { createLogger, type Logger } from "./log";
+import { Metrics } from "./metrics";
 import { DeviceOperations } from "./service/device-operations";
-import { VmLocks } from "./service/vm-locks";
+import { KeyedLocks } from "./service/keyed-locks";
 import { groupId } from "./unix-socket";
 
 /** How long draining waits for in-flight calls before cutting them off. */
@@ -41,11 +43,21 @@ async function serve(config: Config, log: Logger): Promise<void> {
     inventory: new Inventory({ inventoryFile: config.inventory, cocoonRoot: config.cocoonRoot, log }),
     backends: defaultBackends(),
     host: new HostPreflight(config.sysfsRoot),
-    locks: new VmLocks(),
+    locks: new KeyedLocks(),
     detachTimeoutMs: config.detachTimeoutMs,
+    allowList: config.allowDevices,
     log,
   });
-  const vfiod = createVfiodServer(operations, log);
+  const metrics = config.metricsListen === undefined ? undefined : new Metrics();
+  const vfiod = createVfiodServer(operations, log, {
+    allowedClients: config.allowClients,
+    audit: config.auditLog === undefined ? undefined : AuditLog.open(config.auditLog),
+    metrics,
+  });
+  if (metrics !== undefined && config.metricsListen !== undefined) {
+    const { port: metricsPort } = await metrics.listen(config.metricsListen);
+    log.info({ metricsListen: config.metricsListen, port: metricsPort }, "metrics serving on /metrics");
+  }
   const credentials = serverCredentials(config);
   const port = await promisify(vfiod.server.bindAsync.bind(vfiod.server))(config.listen, credentials);
   await bindUnixSocket(vfiod.server, config, credentials);

@@ -9,10 +9,14 @@ import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-
 import { file_google_rpc_error_details } from "../../gen/google/rpc/error_details_pb";
 import { file_google_rpc_status } from "../../gen/google/rpc/status_pb";
 import { DeviceService, file_vfiod_v1_device, type DeviceSchema } from "../../gen/vfiod/v1/device_pb";
+import type { AuditLog } from "../audit";
 import type { AttachedDevice } from "../backends/backend";
+import { Code, VfiodError } from "../errors";
 import type { Logger } from "../log";
+import type { Metrics } from "../metrics";
 import type { DeviceOperations } from "../service/device-operations";
-import { serviceDefinition, serviceImplementation } from "./adapter";
+import { serviceDefinition, serviceImplementation, type CallContext } from "./adapter";
+import { authorize, callerOf } from "./caller";
 import { toGrpcStatus } from "./status";
 
 export const DEVICE_SERVICE_NAME = DeviceService.typeName;
@@ -54,27 +58,82 @@ export interface VfiodServer {
   markNotServing(): void;
 }
 
-export function createVfiodServer(
-  operations: DeviceOperations,
-  log: Logger,
-  serverOptions: grpc.ServerOptions = {},
-): VfiodServer {
-  const server = new grpc.Server(serverOptions);
+export interface VfiodServerOptions {
+  /** --allow-client: certificate CNs / DNS SANs allowed to call DeviceService. */
+  readonly allowedClients?: ReadonlySet<string>;
+  readonly audit?: AuditLog;
+  readonly metrics?: Metrics;
+  readonly grpc?: grpc.ServerOptions;
+}
+
+interface Described {
+  readonly vm: string;
+  readonly device: string;
+  readonly id: string;
+}
+
+/** How a finished call is accounted for: metrics always, the audit log for mutations. */
+function accounting(log: Logger, options: VfiodServerOptions) {
+  return <Req, Res>(
+    method: "Attach" | "Detach" | "List",
+    describe: (request: Req, response: Res | undefined) => Described,
+    handler: (request: Req, context: CallContext) => Promise<Res>,
+  ) =>
+    async (request: Req, context: CallContext): Promise<Res> => {
+      const started = Date.now();
+      const caller = callerOf(context.call);
+      let response: Res | undefined;
+      let outcome = "OK";
+      let code = 0;
+      try {
+        authorize(caller, options.allowedClients);
+        response = await handler(request, context);
+        return response;
+      } catch (err) {
+        outcome = err instanceof VfiodError ? err.reason : "INTERNAL";
+        code = err instanceof VfiodError ? err.code : Code.INTERNAL;
+        throw err;
+      } finally {
+        const ms = Date.now() - started;
+        options.metrics?.observe(method, grpc.status[code] ?? String(code), ms);
+        if (method !== "List") {
+          const entry = { caller: caller.identity, method, ...describe(request, response), outcome, code, ms };
+          try {
+            options.audit?.record(entry);
+          } catch (err) {
+            log.error({ err, entry }, "cannot write the audit log");
+          }
+        }
+      }
+    };
+}
+
+export function createVfiodServer(operations: DeviceOperations, log: Logger, options: VfiodServerOptions = {}): VfiodServer {
+  const server = new grpc.Server(options.grpc ?? {});
+  const account = accounting(log, options);
   server.addService(
     serviceDefinition(DeviceService),
     serviceImplementation(
       DeviceService,
       {
-        attach: async (request, { signal }) => ({
-          device: toProtoDevice(await operations.attach(request, signal)),
-        }),
-        detach: async (request, { signal }) => {
-          await operations.detach(request, signal);
-          return {};
-        },
-        list: async (request, { signal }) => ({
-          devices: (await operations.list(request, signal)).map(toProtoDevice),
-        }),
+        attach: account(
+          "Attach",
+          (request, response) => ({ vm: request.vm, device: request.pci, id: response?.device?.id ?? request.id }),
+          async (request, { signal }) => ({ device: toProtoDevice(await operations.attach(request, signal)) }),
+        ),
+        detach: account(
+          "Detach",
+          (request) => ({ vm: request.vm, device: "", id: request.id }),
+          async (request, { signal }) => {
+            await operations.detach(request, signal);
+            return {};
+          },
+        ),
+        list: account(
+          "List",
+          (request) => ({ vm: request.vm, device: "", id: "" }),
+          async (request, { signal }) => ({ devices: (await operations.list(request, signal)).map(toProtoDevice) }),
+        ),
       },
       (err, method) => toGrpcStatus(err, method, log),
     ),

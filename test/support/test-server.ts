@@ -10,7 +10,7 @@ import { HostPreflight } from "../../src/host/preflight";
 import { Inventory } from "../../src/inventory/inventory";
 import { silentLogger, type Logger } from "../../src/log";
 import { DeviceOperations } from "../../src/service/device-operations";
-import { VmLocks } from "../../src/service/vm-locks";
+import { KeyedLocks } from "../../src/service/keyed-locks";
 
 export interface TestServerOptions {
   inventoryFile?: string;
@@ -39,7 +39,7 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
     }),
     backends: options.backends ?? defaultBackends(),
     host: new HostPreflight(options.sysfsRoot),
-    locks: new VmLocks(),
+    locks: new KeyedLocks(),
     detachTimeoutMs: options.detachTimeoutMs ?? 2000,
     log,
   });

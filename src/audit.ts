@@ -1,0 +1,29 @@
+// --audit-log: one JSON line per mutation (Attach, Detach), success or not:
+// time, caller, method, vm, device, id, outcome, ms. Written synchronously so a
+// crash right after a mutation cannot lose its line.
+import fs from "node:fs";
+
+export interface AuditEntry {
+  readonly caller: string;
+  readonly method: "Attach" | "Detach";
+  readonly vm: string;
+  readonly device: string;
+  readonly id: string;
+  /** "OK", or the ErrorInfo reason ("INTERNAL" for a bug). */
+  readonly outcome: string;
+  readonly code: number;
+  readonly ms: number;
+}
+
+export class AuditLog {
+  private constructor(private readonly fd: number) {}
+
+  /** `-` means stderr. */
+  static open(target: string): AuditLog {
+    return new AuditLog(target === "-" ? 2 : fs.openSync(target, "a", 0o600));
+  }
+
+  record(entry: AuditEntry): void {
+    fs.writeSync(this.fd, `${JSON.stringify({ time: new Date().toISOString(), ...entry })}\n`);
+  }
+}
