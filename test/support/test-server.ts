@@ -5,7 +5,8 @@ import { promisify } from "node:util";
 import { defaultBackends } from "../../src/backends/all";
 import type { BackendRegistry } from "../../src/backends/registry";
 import { createDeviceClient, errorReason, type DeviceClient } from "../../src/grpc/client";
-import { createVfiodServer } from "../../src/grpc/server";
+import { createVfiodServer, type VfiodServerOptions } from "../../src/grpc/server";
+import type { DeviceAllowList } from "../../src/host/device-allow-list";
 import { HostPreflight } from "../../src/host/preflight";
 import { Inventory } from "../../src/inventory/inventory";
 import { silentLogger, type Logger } from "../../src/log";
@@ -19,6 +20,8 @@ export interface TestServerOptions {
   sysfsRoot: string;
   detachTimeoutMs?: number;
   backends?: BackendRegistry;
+  allowList?: DeviceAllowList;
+  server?: VfiodServerOptions;
   log?: Logger;
 }
 
@@ -41,9 +44,10 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
     host: new HostPreflight(options.sysfsRoot),
     locks: new KeyedLocks(),
     detachTimeoutMs: options.detachTimeoutMs ?? 2000,
+    allowList: options.allowList,
     log,
   });
-  const vfiod = createVfiodServer(operations, log);
+  const vfiod = createVfiodServer(operations, log, options.server);
   const port = await promisify(vfiod.server.bindAsync.bind(vfiod.server))("127.0.0.1:0", grpc.ServerCredentials.createInsecure());
   vfiod.markServing();
   const address = `127.0.0.1:${port}`;
