@@ -20,7 +20,9 @@ export interface AttachedDevice {
  *
  * Callers have already validated the PCI address and id, resolved the VM and run
  * host preflight; callers serialize mutations per VM. Every method honours the
- * signal: once it aborts, nothing new is sent to the hypervisor.
+ * signal: once it aborts, nothing new is sent to the hypervisor. A mutating
+ * request already sent is awaited to its outcome, bounded by vfiod's own limit
+ * (src/backends/sent-request.ts), so the caller's lock covers what really happened.
  */
 export interface Backend {
   /**

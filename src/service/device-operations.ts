@@ -69,8 +69,9 @@ export class DeviceOperations {
       });
     return this.deps.locks.run(`device:${device.bdf}`, signal, busy, async () => {
       await this.refuseIfAttachedElsewhere(vm, device, signal);
-      const attached = await this.mutate(vm, signal, () => backend.attach(vm, device, id, signal));
-      this.deps.log.info({ vm: vm.id, device: device.bdf, id: attached.id }, "device attached");
+      const attached = await this.mutate(vm, signal, () =>
+        this.logOutcome("attach", { vm: vm.id, device: device.bdf, id }, signal, () => backend.attach(vm, device, id, signal)),
+      );
       return attached;
     });
   }
@@ -82,8 +83,9 @@ export class DeviceOperations {
     const vm = await this.deps.inventory.resolve(vmRef);
     refuseIfNotRunning(vm);
     const backend = this.deps.backends.get(vm.hypervisor);
-    await this.mutate(vm, signal, () => backend.detach(vm, id, this.deps.detachTimeoutMs, signal));
-    this.deps.log.info({ vm: vm.id, id }, "device detached");
+    await this.mutate(vm, signal, () =>
+      this.logOutcome("detach", { vm: vm.id, id }, signal, () => backend.detach(vm, id, this.deps.detachTimeoutMs, signal)),
+    );
   }
 
   /** A VM that is not running holds no devices (VFIO attach is runtime-only). */
@@ -91,6 +93,30 @@ export class DeviceOperations {
     const vm = await this.deps.inventory.resolve(requireVmRef(request.vm));
     if (vm.notRunning !== undefined) return [];
     return this.deps.backends.get(vm.hypervisor).list(vm, signal);
+  }
+
+  /**
+   * Logs how a mutation ended. Backends finish reading a request they have sent
+   * even when the caller gives up, so the log is where an outcome the caller
+   * never saw (its deadline passed first) is told.
+   */
+  private async logOutcome<T extends { id: string } | void>(
+    verb: "attach" | "detach",
+    fields: Record<string, string>,
+    signal: AbortSignal,
+    fn: () => Promise<T>,
+  ): Promise<T> {
+    const callerGone = () => (signal.aborted ? { callerGaveUp: true } : {});
+    try {
+      const result = await fn();
+      const id = result === undefined ? fields.id : result.id;
+      this.deps.log.info({ ...fields, id, ...callerGone() }, verb === "attach" ? "device attached" : "device detached");
+      return result;
+    } catch (err) {
+      const reason = err instanceof VfiodError ? err.reason : "INTERNAL";
+      this.deps.log.warn({ ...fields, reason, err, ...callerGone() }, `device ${verb} failed`);
+      throw err;
+    }
   }
 
   /** One mutation of a VM at a time; a cocoon VM's ops flock too, so cocoon cannot race us. */

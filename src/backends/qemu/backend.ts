@@ -7,6 +7,7 @@ import { abortedError, type Reason, VfiodError } from "../../errors";
 import type { VmRecord } from "../../inventory/vm";
 import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
 import type { AttachedDevice, Backend } from "../backend";
+import { sentRequestSignal } from "../sent-request";
 import { QmpClient, QmpError, type QmpEvent } from "./qmp";
 
 export interface QemuBackendOptions {
@@ -81,7 +82,11 @@ export class QemuBackend implements Backend {
       const newId = id !== "" ? id : freeId(peripherals);
       await monitor.deviceAdd(device, newId, port);
       this.pendingOf(vm.socket).delete(newId);
-      const guestBdf = (await monitor.guestAddresses()).get(newId) ?? "";
+      // The device is in: a failed or cut-short read of its guest address must not turn that into an error.
+      const guestBdf = await monitor.guestAddresses().then(
+        (addresses) => addresses.get(newId) ?? "",
+        () => "",
+      );
       return { id: newId, bdf: device.bdf, path: device.path, guestBdf };
     });
   }
@@ -270,7 +275,7 @@ class Monitor {
     // sysfsdev, not host: host= refuses 5-digit (VMD) domains (§3).
     const args = { driver: "vfio-pci", id, bus: port, sysfsdev: device.path };
     try {
-      await this.run("device_add", args);
+      await this.client.execute("device_add", args, sentRequestSignal(this.signal, `${this.label}: device_add`));
     } catch (err) {
       const meta = { vm: this.vmId, device: device.bdf, id };
       if (err instanceof QmpError) {
@@ -294,7 +299,7 @@ class Monitor {
   /** "gone" when QEMU no longer knows the id (a pending removal finished meanwhile). */
   async deviceDel(id: string): Promise<"requested" | "gone"> {
     try {
-      await this.run("device_del", { id });
+      await this.client.execute("device_del", { id }, sentRequestSignal(this.signal, `${this.label}: device_del`));
       return "requested";
     } catch (err) {
       if (!(err instanceof QmpError)) throw err;

@@ -1,0 +1,336 @@
+// The Cloud Hypervisor client against the double over real Unix sockets: one test
+// per endpoint and per error mapping.
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
+import { Code, VfiodError, type Reason } from "../../../src/errors";
+import { ChDouble, type ChProfile } from "../../support/ch-double";
+
+const GPU = "/sys/bus/pci/devices/0000:01:00.0";
+const VM = "web1";
+
+let dir: string;
+let socketPath: string;
+let double: ChDouble | undefined;
+
+async function start(profile: ChProfile = "main"): Promise<{ ch: ChDouble; client: CloudHypervisorClient }> {
+  double = await ChDouble.start(socketPath, { profile });
+  return { ch: double, client: new CloudHypervisorClient(socketPath, VM) };
+}
+
+const signal = () => AbortSignal.timeout(5000);
+
+/** The VfiodError `promise` rejects with, checked for reason, code and safety for remote callers. */
+async function failure(promise: Promise<unknown>, reason: Reason, code: Code): Promise<VfiodError> {
+  const err = await promise.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(VfiodError);
+  const error = err as VfiodError;
+  expect(error.message).toContain(VM);
+  expect(error.message).not.toContain(dir);
+  expect(error.message).not.toMatch(/\n\s+at /);
+  expect({ reason: error.reason, code: error.code }).toEqual({ reason, code });
+  return error;
+}
+
+/** What vmInfo throws against a bare server that meets the request with `onRequest`. */
+async function vmInfoFromRawServer(
+  onRequest: (socket: net.Socket) => void,
+  reason: Reason,
+  code: Code,
+): Promise<VfiodError> {
+  const server = net.createServer((socket) => socket.once("data", () => onRequest(socket)));
+  await new Promise<void>((resolve) => server.listen(socketPath, resolve));
+  try {
+    return await failure(new CloudHypervisorClient(socketPath, VM).vmInfo(signal()), reason, code);
+  } finally {
+    await new Promise((resolve) => server.close(resolve));
+  }
+}
+
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), "vfiod-"));
+  socketPath = path.join(dir, "api.sock");
+});
+
+afterEach(async () => {
+  await double?.close();
+  double = undefined;
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe("endpoints", () => {
+  test.each([
+    ["v52", "52.0.0"],
+    ["v53", "53.0.0"],
+    ["main", "54.0.0"],
+  ] as const)("%s: ping reports the version", async (profile, version) => {
+    const { client } = await start(profile);
+    expect((await client.ping(signal())).version).toBe(version);
+  });
+
+  test("vmInfo returns state, config and device_tree", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    await client.addDevice({ path: GPU, id: "gpu0" }, signal());
+    const info = await client.vmInfo(signal());
+    expect(info.state).toBe("Running");
+    expect(info.config.devices).toEqual([expect.objectContaining({ id: "gpu0", path: GPU })]);
+    expect(info.device_tree?.gpu0?.pci_bdf).toBe("0000:00:01.0");
+  });
+
+  test("addDevice sends the body once with Content-Length, never chunked", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    expect(await client.addDevice({ path: GPU, id: "gpu0" }, signal())).toEqual({ id: "gpu0", bdf: "0000:00:01.0" });
+    const sent = ch.requests.filter((r) => r.endpoint === "vm.add-device");
+    expect(sent).toHaveLength(1);
+    expect(sent[0]?.method).toBe("PUT");
+    expect(sent[0]?.body).toEqual({ path: GPU, id: "gpu0" });
+    expect(sent[0]?.headers["content-length"]).toBe(String(JSON.stringify({ path: GPU, id: "gpu0" }).length));
+    expect(sent[0]?.headers["transfer-encoding"]).toBeUndefined();
+    expect(sent[0]?.headers["content-type"]).toBe("application/json");
+  });
+
+  test("addDevice on a created, unbooted VM returns undefined (204: config only)", async () => {
+    const { ch, client } = await start();
+    ch.setState("Created");
+    expect(await client.addDevice({ path: GPU, id: "gpu0" }, signal())).toBeUndefined();
+  });
+
+  test("removeDevice resolves on 204", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    await client.addDevice({ path: GPU, id: "gpu0" }, signal());
+    await client.removeDevice("gpu0", signal());
+    expect(ch.requests.at(-1)).toMatchObject({ method: "PUT", endpoint: "vm.remove-device", body: { id: "gpu0" } });
+    expect(ch.pendingRemovals()).toEqual(["gpu0"]);
+  });
+
+  test("every call closes its connection: more calls than CH's 10 connections all succeed", async () => {
+    const { client } = await start();
+    for (let i = 0; i < 15; i++) await client.ping(signal());
+  });
+});
+
+describe("transport failures", () => {
+  test("a missing socket is HYPERVISOR_UNAVAILABLE", async () => {
+    const client = new CloudHypervisorClient(socketPath, VM);
+    const error = await failure(client.vmInfo(signal()), "HYPERVISOR_UNAVAILABLE", Code.UNAVAILABLE);
+    expect(error.message).toContain("api socket does not exist");
+  });
+
+  test("a socket nobody listens on (ECONNREFUSED) is HYPERVISOR_UNAVAILABLE", async () => {
+    // A killed listener leaves its socket file behind, as a crashed CH does.
+    const child = spawn(process.execPath, [
+      "-e",
+      `require("net").createServer().listen(${JSON.stringify(socketPath)}, () => process.kill(process.pid, "SIGKILL"))`,
+    ]);
+    await new Promise((resolve) => child.once("exit", resolve));
+    expect(fs.existsSync(socketPath)).toBe(true);
+    const error = await failure(
+      new CloudHypervisorClient(socketPath, VM).vmInfo(signal()),
+      "HYPERVISOR_UNAVAILABLE",
+      Code.UNAVAILABLE,
+    );
+    expect(error.message).toContain("connection refused");
+  });
+
+  test("a connection closed before any reply is HYPERVISOR_UNAVAILABLE", async () => {
+    const error = await vmInfoFromRawServer((socket) => socket.destroy(), "HYPERVISOR_UNAVAILABLE", Code.UNAVAILABLE);
+    expect(error.message).toContain("connection closed before a complete reply");
+  });
+
+  test("a reply that is not HTTP is HYPERVISOR_ERROR INTERNAL", async () => {
+    const error = await vmInfoFromRawServer((s) => s.write("garbage\r\n\r\n"), "HYPERVISOR_ERROR", Code.INTERNAL);
+    expect(error.message).toContain("malformed HTTP reply");
+  });
+
+  test("a connection closed mid-response is HYPERVISOR_UNAVAILABLE", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    ch.inject("vm.info", { kind: "close-mid-response" });
+    const error = await failure(client.vmInfo(signal()), "HYPERVISOR_UNAVAILABLE", Code.UNAVAILABLE);
+    expect(error.message).toContain("connection closed before a complete reply");
+  });
+
+  test("more than 10 open connections (micro_http's 503) is HYPERVISOR_UNAVAILABLE", async () => {
+    const { ch, client } = await start();
+    const release = await ch.occupyAllConnections();
+    try {
+      await failure(client.ping(signal()), "HYPERVISOR_UNAVAILABLE", Code.UNAVAILABLE);
+    } finally {
+      release();
+    }
+  });
+});
+
+describe("the signal", () => {
+  test("a hanging CH and a deadline give DEADLINE_EXCEEDED quickly", async () => {
+    const { ch, client } = await start();
+    ch.inject("vm.info", { kind: "hang" });
+    const started = Date.now();
+    const error = await failure(
+      client.vmInfo(AbortSignal.timeout(100)),
+      "HYPERVISOR_UNAVAILABLE",
+      Code.DEADLINE_EXCEEDED,
+    );
+    expect(Date.now() - started).toBeLessThan(1000);
+  });
+
+  test("a cancelled call is CANCELLED", async () => {
+    const { ch, client } = await start();
+    ch.inject("vm.add-device", { kind: "hang" });
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(), 50);
+    await failure(client.addDevice({ path: GPU }, controller.signal), "HYPERVISOR_UNAVAILABLE", Code.CANCELLED);
+  });
+
+  test("an already aborted signal sends nothing", async () => {
+    const { ch, client } = await start();
+    const controller = new AbortController();
+    controller.abort();
+    await failure(client.addDevice({ path: GPU }, controller.signal), "HYPERVISOR_UNAVAILABLE", Code.CANCELLED);
+    expect(ch.requests).toEqual([]);
+  });
+});
+
+describe("CH's refusals", () => {
+  test.each(["v52", "v53", "main"] as const)("%s: no VM created is VM_NOT_RUNNING", async (profile) => {
+    const { client } = await start(profile);
+    const error = await failure(client.vmInfo(signal()), "VM_NOT_RUNNING", Code.FAILED_PRECONDITION);
+    expect(error.message).toContain("VM is not created");
+  });
+
+  test.each(["v52", "v53", "main"] as const)("%s: a duplicate id is ID_IN_USE (500 or 409)", async (profile) => {
+    const { ch, client } = await start(profile);
+    ch.setState("Running");
+    await client.addDevice({ path: GPU, id: "gpu0" }, signal());
+    const error = await failure(
+      client.addDevice({ path: "/sys/bus/pci/devices/0000:02:00.0", id: "gpu0" }, signal()),
+      "ID_IN_USE",
+      Code.ALREADY_EXISTS,
+    );
+    expect(error.message).toContain("Identifier gpu0 is not unique");
+  });
+
+  test("an id still pending eject is ID_IN_USE", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    await client.addDevice({ path: GPU, id: "gpu0" }, signal());
+    await client.removeDevice("gpu0", signal());
+    await failure(client.addDevice({ path: GPU, id: "gpu0" }, signal()), "ID_IN_USE", Code.ALREADY_EXISTS);
+  });
+
+  test("a duplicate path is DEVICE_ALREADY_ATTACHED", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    await client.addDevice({ path: GPU }, signal());
+    await failure(client.addDevice({ path: GPU }, signal()), "DEVICE_ALREADY_ATTACHED", Code.ALREADY_EXISTS);
+  });
+
+  test.each(["v52", "v53", "main"] as const)("%s: removing an unknown id is DEVICE_NOT_ATTACHED", async (profile) => {
+    const { ch, client } = await start(profile);
+    ch.setState("Running");
+    await failure(client.removeDevice("gpu0", signal()), "DEVICE_NOT_ATTACHED", Code.NOT_FOUND);
+  });
+
+  test("no free slot is NO_FREE_SLOT", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    for (let slot = 1; slot < 32; slot++) {
+      await client.addDevice(
+        { path: `/sys/bus/pci/devices/0000:${slot.toString(16).padStart(2, "0")}:00.0` },
+        signal(),
+      );
+    }
+    await failure(
+      client.addDevice({ path: "/sys/bus/pci/devices/0000:40:00.0" }, signal()),
+      "NO_FREE_SLOT",
+      Code.RESOURCE_EXHAUSTED,
+    );
+  });
+
+  test("a phrase is recognised anywhere in a longer chain", async () => {
+    const { ch, client } = await start();
+    ch.inject("vm.add-device", {
+      kind: "respond",
+      status: 500,
+      body: '["Error from API","outer","Identifier gpu0 is not unique","cause"]',
+    });
+    await failure(client.addDevice({ path: GPU, id: "gpu0" }, signal()), "ID_IN_USE", Code.ALREADY_EXISTS);
+  });
+
+  test("another 4xx is HYPERVISOR_ERROR FAILED_PRECONDITION with the chain joined by ': '", async () => {
+    const { ch, client } = await start("main");
+    ch.setState("Running");
+    const error = await failure(
+      client.addDevice({ path: GPU, id: "__gpu" }, signal()),
+      "HYPERVISOR_ERROR",
+      Code.FAILED_PRECONDITION,
+    );
+    expect(error.message).toBe(
+      `cloud-hypervisor vm ${VM}: vm.add-device: Error from API: The device could not be added to the VM: ` +
+        "Failed to validate config: Identifier __gpu is not invalid",
+    );
+    expect(error.cause).toBeInstanceOf(Error);
+  });
+
+  test("an older CH's plain-text error is kept as is", async () => {
+    const { ch, client } = await start();
+    ch.inject("vm.remove-device", {
+      kind: "respond",
+      status: 400,
+      body: "Error from API: The device could not be removed\n",
+    });
+    const error = await failure(client.removeDevice("gpu0", signal()), "HYPERVISOR_ERROR", Code.FAILED_PRECONDITION);
+    expect(error.message).toBe(
+      `cloud-hypervisor vm ${VM}: vm.remove-device: Error from API: The device could not be removed`,
+    );
+  });
+
+  test("a 5xx is HYPERVISOR_ERROR INTERNAL with CH's text", async () => {
+    const { ch, client } = await start();
+    const chain = [
+      "Error from API",
+      "The device could not be added to the VM",
+      "Error from device manager",
+      "Cannot create a VFIO device",
+      "failed to open /dev/vfio/12 group: Device or resource busy (os error 16)",
+    ];
+    ch.inject("vm.add-device", { kind: "respond", status: 500, body: JSON.stringify(chain) });
+    const error = await failure(client.addDevice({ path: GPU }, signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+    expect(error.message).toContain(chain.join(": "));
+  });
+
+  test("micro_http's own parse-error body is HYPERVISOR_ERROR INTERNAL", async () => {
+    const { ch, client } = await start();
+    ch.inject("vm.info", {
+      kind: "respond",
+      status: 400,
+      body: '{ "error": "Invalid request.\nAll previous unanswered requests will be dropped." }',
+    });
+    await failure(client.vmInfo(signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+  });
+
+  test.each([
+    ["garbage", '{"config": tru'],
+    ["the wrong shape", '{"state":"Running"}'],
+  ])("a 200 vm.info with %s is HYPERVISOR_ERROR INTERNAL", async (_what, body) => {
+    const { ch, client } = await start();
+    ch.inject("vm.info", { kind: "respond", status: 200, body });
+    const error = await failure(client.vmInfo(signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+    expect(error.message).toContain("unparseable reply");
+  });
+
+  test("a 200 add-device without id and bdf is HYPERVISOR_ERROR INTERNAL", async () => {
+    const { ch, client } = await start();
+    ch.inject("vm.add-device", { kind: "respond", status: 200, body: '{"id":"gpu0"}' });
+    await failure(client.addDevice({ path: GPU }, signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+  });
+});
