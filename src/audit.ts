@@ -13,6 +13,8 @@ export interface AuditEntry {
   readonly outcome: string;
   readonly code: number;
   readonly ms: number;
+  /** Set when the caller had gone (deadline or cancel) before the outcome was known. */
+  readonly callerGaveUp?: boolean;
 }
 
 export class AuditLog {

@@ -79,12 +79,27 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
   return definition;
 }
 
-/** An AbortSignal that follows the call's deadline and its cancellation. */
+/**
+ * A client cancels its call when its own deadline passes, and that cancel can
+ * reach the server a little before the server's copy of the deadline (it is
+ * sent relative, so it ends later by the transit time). A cancel this close to
+ * the deadline is the deadline.
+ */
+const DEADLINE_SKEW_MS = 100;
+
+/** An AbortSignal that follows the call's deadline (reason TimeoutError) and its cancellation (AbortError). */
 export function callSignal(call: grpc.ServerUnaryCall<Message, Message>): AbortSignal {
-  const cancelled = new AbortController();
-  call.once("cancelled", () => cancelled.abort(new DOMException("the caller cancelled the call", "AbortError")));
   const deadline = call.getDeadline();
   const at = deadline instanceof Date ? deadline.getTime() : deadline;
+  const cancelled = new AbortController();
+  call.once("cancelled", () => {
+    const atDeadline = Number.isFinite(at) && at - Date.now() <= DEADLINE_SKEW_MS;
+    cancelled.abort(
+      atDeadline
+        ? new DOMException("the call's deadline passed", "TimeoutError")
+        : new DOMException("the caller cancelled the call", "AbortError"),
+    );
+  });
   if (!Number.isFinite(at)) return cancelled.signal;
   return AbortSignal.any([cancelled.signal, AbortSignal.timeout(Math.max(0, at - Date.now()))]);
 }

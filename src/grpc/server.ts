@@ -97,7 +97,16 @@ function accounting(log: Logger, options: VfiodServerOptions) {
         const ms = Date.now() - started;
         options.metrics?.observe(method, grpc.status[code] ?? String(code), ms);
         if (method !== "List") {
-          const entry = { caller: caller.identity, method, ...describe(request, response), outcome, code, ms };
+          const entry = {
+            caller: caller.identity,
+            method,
+            ...describe(request, response),
+            outcome,
+            code,
+            ms,
+            // The outcome stands, but the caller left first and saw its deadline or cancel instead.
+            ...(context.signal.aborted ? { callerGaveUp: true } : {}),
+          };
           try {
             options.audit?.record(entry);
           } catch (err) {

@@ -110,9 +110,17 @@ export class CloudHypervisorBackend implements Backend {
         "retry later or use another id";
       throw new VfiodError("ID_IN_USE", message, { meta });
     }
-    const added = await client.addDevice(
-      id === "" ? { path: device.path } : { path: device.path, id },
-      sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.add-device`),
+    const sent = sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.add-device`);
+    const added = await client.addDevice(id === "" ? { path: device.path } : { path: device.path, id }, sent).catch(
+      (err: unknown) => {
+        // Sent but no complete reply (a lost ACK): CH may well have added it (as the QEMU backend says).
+        if (!(err instanceof VfiodError) || err.reason !== "HYPERVISOR_UNAVAILABLE") throw err;
+        throw new VfiodError(err.reason, `${err.message}; the device may have been added: List to check`, {
+          code: err.code,
+          meta,
+          cause: err,
+        });
+      },
     );
     if (added === undefined && id === "") {
       const message = `vm ${vm.name}: cloud-hypervisor added the device to its config only and named no id`;
