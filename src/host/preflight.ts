@@ -50,10 +50,14 @@ async function readClass(dir: string): Promise<number | undefined> {
   }
 }
 
-function bindCommands(bdf: string, driver: string | undefined): string {
-  const dev = `/sys/bus/pci/devices/${bdf}`;
-  const unbind = driver === undefined ? "" : `echo ${bdf} > ${dev}/driver/unbind; `;
-  return `modprobe vfio-pci; echo vfio-pci > ${dev}/driver_override; ${unbind}echo ${bdf} > /sys/bus/pci/drivers_probe`;
+/** The operator's commands (host-vfio-sysfs.md §5) that bind these functions to vfio-pci. */
+function bindCommands(functions: readonly { bdf: string; driver: string | undefined }[]): string {
+  const perDevice = functions.map(({ bdf, driver }) => {
+    const dev = `/sys/bus/pci/devices/${bdf}`;
+    const unbind = driver === undefined ? "" : `echo ${bdf} > ${dev}/driver/unbind; `;
+    return `echo vfio-pci > ${dev}/driver_override; ${unbind}echo ${bdf} > /sys/bus/pci/drivers_probe`;
+  });
+  return ["modprobe vfio-pci", ...perDevice].join("; ");
 }
 
 export class HostPreflight {
@@ -85,7 +89,7 @@ export class HostPreflight {
       const current = self.driver === undefined ? "is bound to no driver" : `is bound to ${self.driver}`;
       throw new VfiodError(
         "DEVICE_NOT_VFIO",
-        `host PCI device ${device.bdf} ${current}, not vfio-pci; bind it with: ${bindCommands(device.bdf, self.driver)}`,
+        `host PCI device ${device.bdf} ${current}, not vfio-pci; bind it with: ${bindCommands([self])}`,
         { meta: { ...meta, driver: self.driver ?? "" } },
       );
     }
@@ -110,7 +114,7 @@ export class HostPreflight {
         "IOMMU_GROUP_NOT_VIABLE",
         `IOMMU group ${group} of ${device.bdf} is not viable: ${named} ` +
           `${offenders.length === 1 ? "is" : "are"} bound to a host driver; bind every device of the group to vfio-pci ` +
-          `(or unbind it), e.g. ${offenders.map((fn) => bindCommands(fn.bdf, fn.driver)).join("; ")}`,
+          `(or unbind it), e.g. ${bindCommands(offenders)}`,
         { meta: { ...meta, iommu_group: group, offenders: offenders.map((fn) => fn.bdf).join(",") } },
       );
     }
