@@ -3,6 +3,7 @@
 // protoc-gen-es v2 emits descriptors, not grpc-js stubs; this is the one place
 // that bridges them (walks DescService.methods, keys by /package.Service/Method).
 import * as grpc from "@grpc/grpc-js";
+import { setMaxListeners } from "node:events";
 import {
   create,
   fromBinary,
@@ -100,8 +101,14 @@ export function callSignal(call: grpc.ServerUnaryCall<Message, Message>): AbortS
         : new DOMException("the caller cancelled the call", "AbortError"),
     );
   });
-  if (!Number.isFinite(at)) return cancelled.signal;
-  return AbortSignal.any([cancelled.signal, AbortSignal.timeout(Math.max(0, at - Date.now()))]);
+  const signal = Number.isFinite(at)
+    ? AbortSignal.any([cancelled.signal, AbortSignal.timeout(Math.max(0, at - Date.now()))])
+    : cancelled.signal;
+  // Every hypervisor request of the call listens on this one signal; an Attach asks
+  // every other VM at once whether it holds the device, so past 10 VMs Node would
+  // print a MaxListenersExceededWarning ("possible memory leak") on every Attach.
+  setMaxListeners(0, signal);
+  return signal;
 }
 
 /**
