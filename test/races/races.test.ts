@@ -3,7 +3,7 @@
 // - two VMs racing for one device: exactly one wins, one add-device in total;
 // - 50 parallel Attach/Detach calls on one VM: the hypervisor never sees two
 //   mutations in flight, and the final state is consistent;
-// - a removal still pending in the guest (a known gap, kept as test.failing);
+// - a removal still pending in the guest: the device still counts as held;
 // - a soak of random operations across 20 VMs, checked against a model built
 //   from the successful responses.
 // Random choices come from a seed printed with the figures (VFIOD_RACE_SEED=<n> replays).
@@ -260,12 +260,9 @@ describe("a removal still pending in the guest", () => {
   });
   afterAll(async () => lab?.close());
 
-  // KNOWN GAP, kept as test.failing so it turns red once fixed (then drop `.failing`).
   // After DETACH_PENDING the device is gone from race-0's config but its VFIO group
-  // stays open in race-0's Cloud Hypervisor until the guest ejects (device_tree node).
-  // vfiod's in-use check reads only config.devices, so it sends race-1 an add-device
-  // for a device race-0 still holds: a real host answers EBUSY (CH 500, INTERNAL
-  // HYPERVISOR_ERROR) where the contract says DEVICE_IN_USE naming race-0.
+  // stays open in race-0's Cloud Hypervisor until the guest ejects (device_tree node):
+  // race-0 still holds it, and a real host would refuse race-1's open with EBUSY.
   test("setup: race-0 holds the device; its Detach ends DETACH_PENDING with the removal still pending", async () => {
     const [a] = lab.names as [string, string];
     const [device] = lab.devices as [string];
@@ -275,7 +272,7 @@ describe("a removal still pending in the guest", () => {
     expect(lab.doubles.get(a)!.pendingRemovals()).toEqual(["gpu0"]);
   });
 
-  test.failing("Attach to another VM while the device's removal is pending is DEVICE_IN_USE, with no add-device", async () => {
+  test("Attach to another VM while the device's removal is pending is DEVICE_IN_USE, with no add-device", async () => {
     const [a, b] = lab.names as [string, string];
     const [device] = lab.devices as [string];
     const attach = await outcomeOf(lab.server.client.attach({ vm: b, pci: device, id: "gpu1" }, { timeoutMs: DEADLINE_MS }));

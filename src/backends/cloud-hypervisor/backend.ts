@@ -71,6 +71,14 @@ function requireRunning(vm: VmRecord, info: ChVmInfo): void {
 
 export class CloudHypervisorBackend implements Backend {
   private readonly pollIntervalMs: number;
+  /**
+   * Removals this vfiod requested that the guest has not finished, per API
+   * socket: id -> host BDF. CH drops the device from config.devices at once but
+   * keeps its node, and its VFIO group open, until the guest ejects; its node
+   * carries no host address, so vfiod remembers it to keep reporting the device
+   * as held (List, and the one-device-one-VM check).
+   */
+  private readonly pendingRemovals = new Map<string, Map<string, string>>();
 
   constructor(options: CloudHypervisorBackendOptions = {}) {
     this.pollIntervalMs = options.pollIntervalMs ?? 100;
@@ -110,6 +118,13 @@ export class CloudHypervisorBackend implements Backend {
         "retry later or use another id";
       throw new VfiodError("ID_IN_USE", message, { meta });
     }
+    const stillHeld = [...this.pendingOf(vm.socket)].find(([pendingId, bdf]) => bdf === device.bdf && hasNode(info, pendingId));
+    if (stillHeld !== undefined) {
+      const message =
+        `vm ${vm.name}: device ${device.bdf} is still held under id ${stillHeld[0]}: its removal is pending in the guest; ` +
+        "retry once the guest has released it";
+      throw new VfiodError("DEVICE_ALREADY_ATTACHED", message, { meta: { ...meta, id: stillHeld[0] } });
+    }
     const sent = sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.add-device`);
     const added = await client.addDevice(id === "" ? { path: device.path } : { path: device.path, id }, sent).catch(
       (err: unknown) => {
@@ -139,18 +154,25 @@ export class CloudHypervisorBackend implements Backend {
     const client = new CloudHypervisorClient(vm.socket, vm.name);
     const info = await client.vmInfo(signal);
     requireRunning(vm, info);
-    const configured = devicesOf(info).some((d) => d.id === id);
-    if (!configured && (!hasNode(info, id) || otherDeviceHolds(info, id))) {
+    const configured = devicesOf(info).find((d) => d.id === id);
+    if (configured === undefined && (!hasNode(info, id) || otherDeviceHolds(info, id))) {
       const meta = { vm: vm.id, id };
       throw new VfiodError("DEVICE_NOT_ATTACHED", `vm ${vm.name}: device id "${id}" not attached`, { meta });
     }
+    const pending = this.pendingOf(vm.socket);
     // A second remove is refused by v53.0 (PR #8559), so never repeat a pending one.
-    if (configured) await client.removeDevice(id, sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.remove-device`));
+    if (configured !== undefined) {
+      await client.removeDevice(id, sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.remove-device`));
+      pending.set(id, addressOf(configured.path)?.bdf ?? "");
+    }
     await this.awaitEject(client, vm, id, waitMs, signal);
+    pending.delete(id);
   }
 
   /**
-   * The VFIO devices in config.devices, in CH's order; [] when no VM is created.
+   * The VFIO devices in config.devices, in CH's order, then those whose removal
+   * vfiod requested and the guest has not finished (still held); [] when no VM
+   * is created.
    * @throws HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
    */
   async list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
@@ -161,7 +183,24 @@ export class CloudHypervisorBackend implements Backend {
       if (err instanceof VfiodError && err.reason === "VM_NOT_RUNNING") return [];
       throw err;
     }
-    return devicesOf(info).map((entry) => toAttached(entry, info));
+    const configured = devicesOf(info).map((entry) => toAttached(entry, info));
+    const pending = this.pendingOf(vm.socket);
+    const held: AttachedDevice[] = [];
+    for (const [id, bdf] of pending) {
+      if (!hasNode(info, id) || configured.some((d) => d.id === id)) {
+        pending.delete(id);
+        continue;
+      }
+      const address = bdf === "" ? undefined : addressOf(bdf);
+      held.push({ id, bdf, path: address?.path ?? "", guestBdf: info.device_tree?.[id]?.pci_bdf ?? "" });
+    }
+    return [...configured, ...held];
+  }
+
+  private pendingOf(socket: string): Map<string, string> {
+    let pending = this.pendingRemovals.get(socket);
+    if (pending === undefined) this.pendingRemovals.set(socket, (pending = new Map()));
+    return pending;
   }
 
   private async awaitEject(

@@ -343,12 +343,17 @@ describe("list", () => {
     ]);
   });
 
-  test("a device whose removal is pending is no longer listed", async () => {
+  test("a device whose removal is pending stays listed (still held) until the guest ejects it", async () => {
     const ch = await start();
-    await backend.attach(vm, GPU, "gpu0", signal());
+    const attached = await backend.attach(vm, GPU, "gpu0", signal());
     await failure(backend.detach(vm, "gpu0", 0, signal()), "DETACH_PENDING");
-    expect(await backend.list(vm, signal())).toEqual([]);
     expect(ch.pendingRemovals()).toEqual(["gpu0"]);
+    expect(await backend.list(vm, signal())).toEqual([attached]);
+    const other = await failure(backend.attach(vm, GPU, "gpu1", signal()), "DEVICE_ALREADY_ATTACHED");
+    expect(other.message).toContain("removal is pending");
+    ch.guestEjects("gpu0");
+    expect(await backend.list(vm, signal())).toEqual([]);
+    expect(sent(ch, "vm.add-device")).toHaveLength(1);
   });
 
   test.each(["Created", "Paused", "Shutdown"] as const)("works in state %s", async (state) => {
