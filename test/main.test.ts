@@ -8,6 +8,7 @@ import { createDeviceClient } from "../src/grpc/client";
 import { ChDouble } from "./support/ch-double";
 import { checkHealth } from "./support/grpc-clients";
 import { MAIN_JS, startVfiod, type VfiodProcess } from "./support/vfiod-process";
+import { waitFor } from "./support/wait";
 
 let dir: string;
 let vfiod: VfiodProcess | undefined;
@@ -74,7 +75,7 @@ test("SIGTERM stops accepting, lets the in-flight call finish, and exits 0", asy
   try {
     ch.inject("vm.info", { kind: "delay", ms: 800 });
     const inFlight = client.list({ vm: "vm" }, { timeoutMs: 10_000 });
-    await waitFor(() => ch.requests.length > 0);
+    await waitFor(() => ch.requests.length > 0, "the List reaches Cloud Hypervisor");
     vfiod.child.kill("SIGTERM");
     await expect(inFlight).resolves.toEqual(expect.objectContaining({ devices: [] }));
     expect(await vfiod.exited).toBe(0);
@@ -84,11 +85,3 @@ test("SIGTERM stops accepting, lets the in-flight call finish, and exits 0", asy
     await ch.close();
   }
 });
-
-async function waitFor(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > until) throw new Error("condition not met in time");
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}

@@ -21,6 +21,7 @@ import { QmpDouble } from "../support/qmp-double";
 import { qemuAvailable, startQemu, stopAllQemu } from "../support/qemu-vm";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
 import { startVfiod, type VfiodProcess } from "../support/vfiod-process";
+import { waitFor } from "../support/wait";
 
 /** Deadline of calls that must fail fast (not by running out of time). */
 const FAST_MS = 5_000;
@@ -102,13 +103,6 @@ function capturedLogger(): { log: Logger; lines: Record<string, unknown>[] } {
   return { log: pino({ level: "info" }, sink), lines };
 }
 
-async function waitFor(condition: () => boolean | Promise<boolean>, what: string, timeoutMs = 10_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > until) throw new Error(`not within ${timeoutMs} ms: ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
 
 /** The audit line of the Attach to `vm`: what the server itself answered, and after how long. */
 async function serverAnswer(vm: string): Promise<AuditEntry> {

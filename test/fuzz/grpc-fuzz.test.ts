@@ -8,7 +8,8 @@
 // end the server is still SERVING and a plain valid Attach works.
 // Detach, List and raw protobuf bytes: grpc-fuzz-raw.test.ts. Inputs and oracles: fuzz-inputs.ts.
 import fc from "fast-check";
-import { outcomeOf, runPool, Tally, tooManyConnections, waitFor, withoutStackTraces } from "../support/load";
+import { outcomeOf, runPool, Tally, tooManyConnections, withoutStackTraces } from "../support/load";
+import { waitFor } from "../support/wait";
 import {
   attachIdArb,
   expectedAttach,
@@ -108,7 +109,7 @@ test(`${ATTACH_RUNS} generated Attach requests: only canonical sysfs paths of vf
   expect(adds.length).toBeLessThanOrEqual(succeeded);
   expect(expectedKinds.get("invalid")).toBeGreaterThan(ATTACH_RUNS / 2);
   // Every device was detached again.
-  await waitFor(() => lab.allDetached(), 10_000, "every fuzz attach detached");
+  await waitFor(() => lab.allDetached(), "every fuzz attach detached", 10_000);
   // Generous for a loaded 2-core machine; a hang fails much sooner (HANG_MS per call).
 }, 300_000);
 

@@ -8,6 +8,7 @@ import path from "node:path";
 import { ChDouble, type ChVmState } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
+import { waitFor } from "../support/wait";
 
 let dir: string;
 let sysfs: FakeSysfs;
@@ -72,7 +73,7 @@ describe("attach, list, detach", () => {
       ]);
 
       const detaching = client.detach({ vm: "gpu-vm", id: "gpu0" });
-      await waitFor(() => ch("gpu-vm").pendingRemovals().includes("gpu0"));
+      await waitFor(() => ch("gpu-vm").pendingRemovals().includes("gpu0"), "the removal is requested");
       ch("gpu-vm").guestEjects("gpu0");
       await detaching;
       expect((await client.list({ vm: "gpu-vm" })).devices).toEqual([]);
@@ -257,11 +258,3 @@ test("a caller's deadline reaches the hypervisor call: a hung Cloud Hypervisor g
   expect(err.code).toBe(grpc.status.DEADLINE_EXCEEDED);
   expect(Date.now() - started).toBeLessThan(2000);
 });
-
-async function waitFor(condition: () => boolean, timeoutMs = 3000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > until) throw new Error("condition not met in time");
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}

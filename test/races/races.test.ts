@@ -25,11 +25,11 @@ import {
   runPool,
   Tally,
   tooManyConnections,
-  waitFor,
   watchMutationOverlap,
   type Outcome,
 } from "../support/load";
 import { startTestServer, type TestServer } from "../support/test-server";
+import { waitFor } from "../support/wait";
 
 const SEED = Number(process.env.VFIOD_RACE_SEED ?? Math.floor(Math.random() * 0x7fffffff));
 const SYSFS_PREFIX = "/sys/bus/pci/devices/";
@@ -232,7 +232,7 @@ describe("50 parallel Attach/Detach calls on one VM", () => {
           }
         }),
       );
-      await waitFor(() => double.pendingRemovals().length === 0, 10_000, "guest ejects");
+      await waitFor(() => double.pendingRemovals().length === 0, "guest ejects", 10_000);
       const viaVfiod = await listed(lab, vm);
       const viaDouble = await heldByDouble(lab, vm);
       expect(sorted(viaVfiod)).toEqual(sorted(viaDouble));
@@ -363,7 +363,7 @@ describe("soak", () => {
     const seconds = (performance.now() - started) / 1000;
 
     // At the end: every VM's List equals the model and the double, and no device is on two VMs.
-    await waitFor(() => [...lab.doubles.values()].every((d) => d.pendingRemovals().length === 0), 10_000, "guest ejects");
+    await waitFor(() => [...lab.doubles.values()].every((d) => d.pendingRemovals().length === 0), "guest ejects", 10_000);
     const owners = new Map<string, string[]>();
     for (const name of names) {
       const viaVfiod = await listed(lab, name);

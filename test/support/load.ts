@@ -200,17 +200,6 @@ export function rawVmInfo(socketPath: string): Promise<RawVmInfo> {
 }
 
 /** Polls `condition` every 10 ms until it holds; throws after `timeoutMs`. */
-export async function waitFor(
-  condition: () => boolean | Promise<boolean>,
-  timeoutMs = 10_000,
-  what = "condition",
-): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!(await condition())) {
-    if (Date.now() > until) throw new Error(`${what} not met within ${timeoutMs} ms`);
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
 
 export const MUTATING_ENDPOINTS: ReadonlySet<string> = new Set(["vm.add-device", "vm.remove-device"]);
 
