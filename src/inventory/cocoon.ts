@@ -7,6 +7,7 @@
 import fsp from "node:fs/promises";
 import path from "node:path";
 import type { VmRecord } from "./vm";
+import { isJsonObject, type JsonObject } from "../json";
 
 /** One cocoon hypervisor backend: where its records live and how its process looks. */
 export interface CocoonBackend {
@@ -43,12 +44,6 @@ export interface CocoonVm {
   readonly binary: string;
 }
 
-type JsonObject = Record<string, unknown>;
-
-function isObject(value: unknown): value is JsonObject {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
 // Go leaves a field at its zero value when the key is absent or null; do the same.
 function optionalString(obj: JsonObject, key: string, where: string): string | undefined {
   const value = obj[key];
@@ -59,14 +54,14 @@ function optionalString(obj: JsonObject, key: string, where: string): string | u
 
 function parseVm(id: string, raw: unknown, root: string, backend: CocoonBackend): CocoonVm {
   const where = `vms[${JSON.stringify(id)}]`;
-  if (!isObject(raw)) throw new Error(`${where}: must be an object`);
+  if (!isJsonObject(raw)) throw new Error(`${where}: must be an object`);
   const storedId = optionalString(raw, "id", where);
   if (storedId !== undefined && storedId !== id) {
     throw new Error(`${where}.id: ${JSON.stringify(storedId)} differs from its key`);
   }
   let name: string | undefined;
   if (raw.config !== undefined && raw.config !== null) {
-    if (!isObject(raw.config)) throw new Error(`${where}.config: must be an object`);
+    if (!isJsonObject(raw.config)) throw new Error(`${where}.config: must be an object`);
     name = optionalString(raw.config, "name", `${where}.config`);
   }
   const runDir = optionalString(raw, "run_dir", where) ?? path.join(root, "run", backend.dir, id);
@@ -99,9 +94,9 @@ export function parseCocoonIndex(text: string, root: string, backend: CocoonBack
   } catch (err) {
     throw new Error(`not JSON: ${(err as Error).message}`);
   }
-  if (!isObject(doc)) throw new Error("must be an object");
+  if (!isJsonObject(doc)) throw new Error("must be an object");
   if (doc.vms === undefined || doc.vms === null) return [];
-  if (!isObject(doc.vms)) throw new Error("vms: must be an object keyed by VM id");
+  if (!isJsonObject(doc.vms)) throw new Error("vms: must be an object keyed by VM id");
   return Object.entries(doc.vms).map(([id, raw]) => parseVm(id, raw, root, backend));
 }
 

@@ -4,14 +4,9 @@
 // rejects the whole file and the error names the entry.
 import path from "node:path";
 import type { VmRecord } from "./vm";
+import { isJsonObject, type JsonObject } from "../json";
 
 const ENTRY_KEYS = new Set(["name", "id", "hypervisor", "socket"]);
-
-type JsonObject = Record<string, unknown>;
-
-function isObject(value: unknown): value is JsonObject {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
 
 function typeName(value: unknown): string {
   return value === null ? "null" : Array.isArray(value) ? "array" : typeof value;
@@ -26,7 +21,7 @@ function nonEmptyString(entry: JsonObject, key: string, where: string): string {
 }
 
 function parseEntry(entry: unknown, where: string): VmRecord {
-  if (!isObject(entry)) throw new Error(`${where}: must be an object, got ${typeName(entry)}`);
+  if (!isJsonObject(entry)) throw new Error(`${where}: must be an object, got ${typeName(entry)}`);
   const unknown = Object.keys(entry).find((key) => !ENTRY_KEYS.has(key));
   if (unknown !== undefined) throw new Error(`${where}: unknown key ${JSON.stringify(unknown)}`);
   const name = nonEmptyString(entry, "name", where);
@@ -48,7 +43,7 @@ export function parseInventoryFile(text: string): VmRecord[] {
   } catch (err) {
     throw new Error(`not JSON: ${(err as Error).message}`);
   }
-  if (!isObject(doc)) throw new Error(`must be an object {"vms": [...]}, got ${typeName(doc)}`);
+  if (!isJsonObject(doc)) throw new Error(`must be an object {"vms": [...]}, got ${typeName(doc)}`);
   const unknown = Object.keys(doc).find((key) => key !== "vms");
   if (unknown !== undefined) throw new Error(`unknown top-level key ${JSON.stringify(unknown)}`);
   if (!Array.isArray(doc.vms)) throw new Error(`"vms" must be an array, got ${typeName(doc.vms)}`);

@@ -5,6 +5,7 @@
 // most 10 connections and a lingering keep-alive one would hold a slot.
 import { Client, errors } from "undici";
 import { abortedError, Code, VfiodError, type Reason } from "../../errors";
+import { isJsonObject, type JsonObject } from "../../json";
 
 /** A `config.devices[]` entry; unset optional fields are null up to v52 and absent after. */
 export interface ChDeviceConfig {
@@ -103,21 +104,17 @@ function errorText(body: string): string | undefined {
   }
 }
 
-function isRecord(value: unknown): value is Record<string, unknown> {
-  return typeof value === "object" && value !== null && !Array.isArray(value);
-}
-
 function isOptional(value: unknown, check: (v: unknown) => boolean): boolean {
   return value === undefined || value === null || check(value);
 }
 
 function isVmInfo(value: unknown): value is ChVmInfo {
   return (
-    isRecord(value) &&
+    isJsonObject(value) &&
     typeof value.state === "string" &&
-    isRecord(value.config) &&
-    isOptional(value.config.devices, (d) => Array.isArray(d) && d.every(isRecord)) &&
-    isOptional(value.device_tree, (t) => isRecord(t) && Object.values(t).every(isRecord))
+    isJsonObject(value.config) &&
+    isOptional(value.config.devices, (d) => Array.isArray(d) && d.every(isJsonObject)) &&
+    isOptional(value.device_tree, (t) => isJsonObject(t) && Object.values(t).every(isJsonObject))
   );
 }
 
@@ -140,7 +137,7 @@ export class CloudHypervisorClient {
   async ping(signal: AbortSignal): Promise<ChVmmPing> {
     const reply = await this.call("GET", "vmm.ping", undefined, signal);
     const body = this.parseJson("vmm.ping", reply);
-    if (!isRecord(body) || typeof body.version !== "string") throw this.unparseable("vmm.ping", reply);
+    if (!isJsonObject(body) || typeof body.version !== "string") throw this.unparseable("vmm.ping", reply);
     return body as unknown as ChVmmPing;
   }
 
@@ -165,7 +162,7 @@ export class CloudHypervisorClient {
     const reply = await this.call("PUT", "vm.add-device", JSON.stringify(device), signal);
     if (reply.status === 204) return undefined;
     const body = this.parseJson("vm.add-device", reply);
-    if (!isRecord(body) || typeof body.id !== "string" || typeof body.bdf !== "string") {
+    if (!isJsonObject(body) || typeof body.id !== "string" || typeof body.bdf !== "string") {
       throw this.unparseable("vm.add-device", reply);
     }
     return { id: body.id, bdf: body.bdf };
