@@ -164,7 +164,7 @@ export class QemuBackend implements Backend {
       throw new VfiodError(
         "DETACH_PENDING",
         `${monitor.label}: removal of ${JSON.stringify(id)} requested; the guest has not released it after ` +
-          `${Date.now() - started} ms. It stays attached until the guest acknowledges; Detach again or List to check`,
+          `${((Date.now() - started) / 1000).toFixed(1)} s. It stays attached until the guest acknowledges; Detach again or List to check`,
         { meta: { vm: monitor.vmId, id }, cause: err },
       );
     }

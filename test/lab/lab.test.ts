@@ -1,0 +1,199 @@
+// The VFIO lab (README.md here) under npm test: lab.sh boots a TCG guest with an
+// emulated IOMMU, binds its emulated devices to vfio-pci, and l1-driver.ts drives
+// a real vfiod over gRPC against real QEMU guests. Each expectation is asserted on
+// result.json on its own. Skipped, saying why, without root, without QEMU, with
+// VFIOD_SKIP_LAB=1, or (outside CI only) when the Debian archive is out of reach.
+import { status } from "@grpc/grpc-js";
+import { spawn, spawnSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+import type { LabResult, Step, StepName, StepValues } from "./result";
+
+const LAB_SH = path.join(__dirname, "lab.sh");
+const LAB_ENV = { ...process.env, VFIOD_LAB_DIR: process.env.VFIOD_LAB_DIR ?? "/var/tmp/vfiod-lab" };
+const RESULT = path.join(LAB_ENV.VFIOD_LAB_DIR, "out", "result.json");
+/** Above lab.sh's own bound on L1 (480 s) plus a first download; lab.sh is stopped then. */
+const LAB_MS = 14 * 60_000;
+
+function whySkip(): string | undefined {
+  if (process.env.VFIOD_SKIP_LAB === "1") return "VFIOD_SKIP_LAB=1";
+  if (process.getuid?.() !== 0) return "not root: L1 reads this machine's whole root over 9p";
+  const onPath = (bin: string) =>
+    (process.env.PATH ?? "").split(":").some((dir) => dir !== "" && fs.existsSync(path.join(dir, bin)));
+  if (!onPath("qemu-system-x86_64")) return "qemu-system-x86_64 is not installed";
+  // Decided here because jest cannot skip once a test runs. Cached after the first time.
+  const fetch = spawnSync("bash", [LAB_SH, "fetch"], { env: LAB_ENV, encoding: "utf8", timeout: 10 * 60_000 });
+  // In CI the archive must be reachable: the lab runs and fails on the fetch.
+  if (fetch.status === 0 || process.env.CI === "true") return undefined;
+  const said = (fetch.stdout.trim() || fetch.stderr.trim() || fetch.error?.message || "no output").split("\n").pop();
+  return `cannot fetch the Debian kernel and busybox: ${said}`;
+}
+
+interface LabRun {
+  exitCode: number | null;
+  /** The last lines lab.sh printed, for failure messages. */
+  tail: string;
+  result?: LabResult;
+}
+
+/** Runs lab.sh, streaming its step lines as they come so CI shows each with its timing. */
+function runLab(): Promise<LabRun> {
+  const child = spawn("bash", [LAB_SH, "run"], { env: LAB_ENV, stdio: ["ignore", "pipe", "pipe"] });
+  const lines: string[] = [];
+  const keep = (chunk: Buffer, to: NodeJS.WriteStream) => {
+    to.write(chunk);
+    lines.push(...chunk.toString("utf8").split("\n"));
+    lines.splice(0, Math.max(0, lines.length - 60));
+  };
+  child.stdout.on("data", (chunk: Buffer) => keep(chunk, process.stdout));
+  child.stderr.on("data", (chunk: Buffer) => keep(chunk, process.stderr));
+  // SIGTERM lets lab.sh take L1 down with it.
+  const term = setTimeout(() => child.kill("SIGTERM"), LAB_MS);
+  const hard = setTimeout(() => child.kill("SIGKILL"), LAB_MS + 10_000);
+  return new Promise((resolve) => {
+    child.once("close", (exitCode) => {
+      clearTimeout(term);
+      clearTimeout(hard);
+      const run: LabRun = { exitCode, tail: lines.join("\n") };
+      if (fs.existsSync(RESULT)) run.result = JSON.parse(fs.readFileSync(RESULT, "utf8")) as LabResult;
+      resolve(run);
+    });
+  });
+}
+
+function must(condition: boolean, message: string): asserts condition {
+  if (condition) return;
+  const err = new Error(message);
+  // Point the report at the expectation that failed, not at this helper.
+  Error.captureStackTrace(err, must);
+  throw err;
+}
+
+const skip = whySkip();
+if (skip !== undefined) process.stderr.write(`VFIO lab skipped: ${skip}\n`);
+const describeLab = skip === undefined ? describe : describe.skip;
+
+describeLab(`VFIO lab${skip === undefined ? "" : ` (skipped: ${skip})`}`, () => {
+  let lab: LabRun;
+  beforeAll(async () => {
+    lab = await runLab();
+  }, LAB_MS + 60_000);
+
+  function result(): LabResult {
+    must(lab.result !== undefined, `lab.sh exited ${lab.exitCode} without ${RESULT}: see "lab.sh passed" for why`);
+    return lab.result;
+  }
+  /** The step, which must have happened; its value when it went as planned. */
+  function step<N extends StepName>(name: N): Step<N> {
+    const found = result().steps.find((s): s is Step<N> => s.name === name);
+    must(found !== undefined, `step "${name}" never ran: an earlier step failed (see the lab output above)`);
+    return found;
+  }
+  function value<N extends StepName>(name: N): StepValues[N] {
+    const s = step(name);
+    must(s.ok && s.value !== undefined, `step "${name}" failed after ${s.ms} ms: ${s.error ?? "no value"}`);
+    return s.value;
+  }
+  const bdfs = (devices: { bdf: string }[]) => devices.map((d) => d.bdf).sort();
+
+  test("List of the booting L2 is empty before any attach", () => {
+    must(value("list l2 before attach").devices.length === 0, "l2 has VFIO devices before the lab attached any");
+  });
+
+  test("Attach of the NIC by its short BDF returns its full host BDF and the caller's id", () => {
+    const { nic } = result().config.devices;
+    const { device } = value("attach NIC");
+    must(device.bdf === nic.bdf, `Attach of the NIC returned bdf ${device.bdf}, want ${nic.bdf}`);
+    must(device.path === `/sys/bus/pci/devices/${nic.bdf}`, `Attach of the NIC returned path ${device.path}`);
+    must(device.id === "lab-nic", `Attach of the NIC returned id ${device.id}, want lab-nic`);
+  });
+
+  test("Attach of the NVMe by its full BDF returns it, with an id vfiod chose", () => {
+    const { nvme } = result().config.devices;
+    const { device } = value("attach NVMe");
+    must(device.bdf === nvme.bdf, `Attach of the NVMe returned bdf ${device.bdf}, want ${nvme.bdf}`);
+    must(device.path === `/sys/bus/pci/devices/${nvme.bdf}`, `Attach of the NVMe returned path ${device.path}`);
+    must(device.id !== "", "Attach without an id returned an empty id");
+  });
+
+  test("List shows both attached devices under their ids", () => {
+    const listed = value("list l2 with both").devices;
+    const attached = [value("attach NIC").device, value("attach NVMe").device];
+    const want = attached.map((d) => `${d.id}=${d.bdf}`).sort();
+    const got = listed.map((d) => `${d.id}=${d.bdf}`).sort();
+    must(JSON.stringify(got) === JSON.stringify(want), `List shows ${got.join(", ")}; want ${want.join(", ")}`);
+  });
+
+  test.each(["NIC", "NVMe"] as const)("the L2 guest sees the %s appear where vfiod says", (name) => {
+    const seen = value(`L2 guest sees ${name}`);
+    const { device } = value(`attach ${name}`);
+    must(
+      device.guestBdf === "" || device.guestBdf === seen.guestBdf,
+      `vfiod says the guest has the ${name} at ${device.guestBdf}; the guest printed "${seen.line}"`,
+    );
+  });
+
+  test.each(["NIC", "NVMe"] as const)("Detach of the %s completes", (name) => {
+    const s = step(`detach ${name}`);
+    const f = s.failure;
+    must(s.ok, `Detach of the ${name} failed after ${s.ms} ms: ${f ? `${status[f.code]} ${f.reason}: ${f.details}` : s.error}`);
+  });
+
+  test.each(["NIC", "NVMe"] as const)("the L2 guest sees the %s go", (name) => {
+    const seen = value(`L2 guest sees ${name}`);
+    const lost = value(`L2 guest lost ${name}`);
+    must(lost.guestBdf === seen.guestBdf, `the ${name} came at ${seen.guestBdf} but "${lost.line}" went`);
+  });
+
+  test("List of the booting L2 is empty again after both detaches", () => {
+    const left = value("list l2 after detach").devices;
+    must(left.length === 0, `l2 still lists ${bdfs(left).join(", ")}`);
+  });
+
+  test("Attach of 00:1f.2 (non-viable group) is refused by vfiod's preflight, naming its companions", () => {
+    const { companions } = result();
+    const s = step("attach 00:1f.2 (non-viable group)");
+    const f = s.failure;
+    must(f !== undefined, `Attach of 00:1f.2 was not refused: ${s.error ?? JSON.stringify(s.value)}`);
+    must(f.code === status.FAILED_PRECONDITION, `refused with ${status[f.code]}, want FAILED_PRECONDITION: ${f.details}`);
+    // A refusal QEMU had made would come back as HYPERVISOR_ERROR.
+    must(f.reason === "IOMMU_GROUP_NOT_VIABLE", `refused with reason ${f.reason}, want IOMMU_GROUP_NOT_VIABLE: ${f.details}`);
+    must(companions.length > 0, "the lab's 00:1f.2 has no group companions: the group cannot be non-viable");
+    for (const c of companions) must(f.details.includes(c), `the message does not name companion ${c}: ${f.details}`);
+  });
+
+  test("firmware-only L2: Attach works", () => {
+    const { spare } = result().config.devices;
+    const { device } = value("attach spare to l2fw");
+    must(device.bdf === spare.bdf, `Attach to l2fw returned bdf ${device.bdf}, want ${spare.bdf}`);
+  });
+
+  test("firmware-only L2: Detach answers DETACH_PENDING (DEADLINE_EXCEEDED) after its detach timeout, within its deadline", () => {
+    const s = step("detach from l2fw");
+    const f = s.failure;
+    const waitMs = result().detachTimeoutMs;
+    must(f !== undefined, `Detach from the firmware-only VM did not fail: ${s.error ?? ""}`);
+    must(f.code === status.DEADLINE_EXCEEDED, `Detach answered ${status[f.code]}, want DEADLINE_EXCEEDED: ${f.details}`);
+    // The client's own deadline would also say DEADLINE_EXCEEDED, but without a reason.
+    must(f.reason === "DETACH_PENDING", `Detach answered reason ${f.reason}, want DETACH_PENDING: ${f.details}`);
+    must(s.ms >= waitMs, `Detach answered after ${s.ms} ms, before vfiod's ${waitMs} ms detach timeout`);
+    must(s.ms < s.deadlineMs, `Detach answered after ${s.ms} ms, beyond its ${s.deadlineMs} ms deadline`);
+  });
+
+  test("firmware-only L2: List still shows the device after the pending detach", () => {
+    const { spare } = result().config.devices;
+    const listed = bdfs(value("list l2fw after detach").devices);
+    must(listed.includes(spare.bdf), `l2fw lists ${listed.join(", ") || "nothing"}, want ${spare.bdf} still there`);
+  });
+
+  test("vfiod drains and exits 0 on SIGTERM", () => {
+    const s = step("vfiod stops");
+    must(s.ok, `vfiod: ${s.error}`);
+  });
+
+  test("lab.sh passed: every step ran as planned", () => {
+    const failed = (lab.result?.steps ?? []).filter((s) => !s.ok).map((s) => `${s.name}: ${s.error}`);
+    must(failed.length === 0, `steps not as planned:\n${failed.join("\n")}`);
+    must(lab.exitCode === 0, `lab.sh exited ${lab.exitCode}; its last lines:\n${lab.tail}`);
+  });
+});
