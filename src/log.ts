@@ -11,7 +11,8 @@ export function createLogger(level: string = process.env.VFIOD_LOG_LEVEL ?? "inf
       timestamp: pino.stdTimeFunctions.isoTime,
       formatters: { level: (label) => ({ level: label }) },
     },
-    pino.destination(2),
+    // Synchronous: the process exits right after its last line on SIGTERM, and order matters.
+    pino.destination({ dest: 2, sync: true }),
   );
 }
 
