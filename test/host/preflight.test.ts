@@ -2,6 +2,7 @@ import { VfiodError } from "../../src/errors";
 import { HostPreflight, isVfioDriver } from "../../src/host/preflight";
 import { parsePciAddress } from "../../src/pci/address";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
+import { vfiodRejection } from "../support/rejection";
 
 let sysfs: FakeSysfs;
 let preflight: HostPreflight;
@@ -26,13 +27,8 @@ beforeEach(() => {
 });
 afterEach(() => sysfs.cleanup());
 
-async function refusal(bdf: string): Promise<VfiodError> {
-  const err = await preflight.check(parsePciAddress(bdf)).then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!(err instanceof VfiodError)) throw new Error(`expected a refusal for ${bdf}, got ${String(err)}`);
-  return err;
+function refusal(bdf: string): Promise<VfiodError> {
+  return vfiodRejection(preflight.check(parsePciAddress(bdf)));
 }
 
 test("a vfio-bound device whose group is all vfio passes", async () => {

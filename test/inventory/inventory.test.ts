@@ -5,6 +5,7 @@ import pino from "pino";
 import { Code, VfiodError } from "../../src/errors";
 import { Inventory } from "../../src/inventory/inventory";
 import type { VmRecord } from "../../src/inventory/vm";
+import { vfiodRejection } from "../support/rejection";
 
 const GPU_ID = "K7Q2MZ4XW3ABCDEFGHJ2345677";
 const IDLE_ID = "K7QAAAAAAAAAAAAAAAAAAAAAAA";
@@ -75,13 +76,8 @@ function errors(): LogLine[] {
   return lines.filter((line) => line.level === ERROR);
 }
 
-async function failure(ref: string): Promise<VfiodError> {
-  const err: unknown = await inventory.resolve(ref).then(
-    (vm) => new Error(`resolved ${ref} to ${vm.id}`),
-    (e: unknown) => e,
-  );
-  if (err instanceof VfiodError) return err;
-  throw err;
+function failure(ref: string): Promise<VfiodError> {
+  return vfiodRejection(inventory.resolve(ref));
 }
 
 async function names(): Promise<string[]> {

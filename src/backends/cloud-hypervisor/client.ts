@@ -5,7 +5,7 @@
 // most 10 connections and a lingering keep-alive one would hold a slot.
 import { Client, errors } from "undici";
 import { abortedError, Code, VfiodError, type Reason } from "../../errors";
-import { isJsonObject, type JsonObject } from "../../json";
+import { isJsonObject } from "../../json";
 
 /** A `config.devices[]` entry; unset optional fields are null up to v52 and absent after. */
 export interface ChDeviceConfig {

@@ -9,6 +9,7 @@ import { Code, VfiodError, type Reason } from "../../../src/errors";
 import type { VmRecord } from "../../../src/inventory/vm";
 import { addressOfBdf } from "../../../src/pci/address";
 import { ChDouble, type ChDoubleOptions } from "../../support/ch-double";
+import { vfiodRejection } from "../../support/rejection";
 
 const GPU = addressOfBdf("0000:01:00.0");
 const NIC = addressOfBdf("0000:02:00.0");
@@ -39,12 +40,7 @@ async function addRaw(devicePath: string, id: string): Promise<void> {
 const sent = (ch: ChDouble, endpoint: string) => ch.requests.filter((r) => r.endpoint === endpoint);
 
 async function failure(promise: Promise<unknown>, reason: Reason, code?: Code): Promise<VfiodError> {
-  const err = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(VfiodError);
-  const error = err as VfiodError;
+  const error = await vfiodRejection(promise);
   expect(error.reason).toBe(reason);
   if (code !== undefined) expect(error.code).toBe(code);
   expect(error.message).toContain(vm.name);

@@ -8,6 +8,7 @@ import path from "node:path";
 import { CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
 import { Code, VfiodError, type Reason } from "../../../src/errors";
 import { ChDouble, type ChProfile } from "../../support/ch-double";
+import { vfiodRejection } from "../../support/rejection";
 
 const GPU = "/sys/bus/pci/devices/0000:01:00.0";
 const VM = "web1";
@@ -25,12 +26,7 @@ const signal = () => AbortSignal.timeout(5000);
 
 /** The VfiodError `promise` rejects with, checked for reason, code and safety for remote callers. */
 async function failure(promise: Promise<unknown>, reason: Reason, code: Code): Promise<VfiodError> {
-  const err = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  expect(err).toBeInstanceOf(VfiodError);
-  const error = err as VfiodError;
+  const error = await vfiodRejection(promise);
   expect(error.message).toContain(VM);
   expect(error.message).not.toContain(dir);
   expect(error.message).not.toMatch(/\n\s+at /);
@@ -175,7 +171,7 @@ describe("the signal", () => {
     const { ch, client } = await start();
     ch.inject("vm.info", { kind: "hang" });
     const started = Date.now();
-    const error = await failure(
+    await failure(
       client.vmInfo(AbortSignal.timeout(100)),
       "HYPERVISOR_UNAVAILABLE",
       Code.DEADLINE_EXCEEDED,

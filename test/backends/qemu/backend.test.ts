@@ -4,22 +4,15 @@
 import fs from "node:fs";
 import { QemuBackend } from "../../../src/backends/qemu/backend";
 import { QmpClient } from "../../../src/backends/qemu/qmp";
-import { Code, isVfiodError, type VfiodError } from "../../../src/errors";
+import { Code, type VfiodError } from "../../../src/errors";
 import type { VmRecord } from "../../../src/inventory/vm";
 import { parsePciAddress } from "../../../src/pci/address";
 import { QmpDouble, type QmpDoubleOptions } from "../../support/qmp-double";
 import { qemuAvailable, startQemu, stopAllQemu } from "../../support/qemu-vm";
+import { vfiodRejection } from "../../support/rejection";
 
 const signal = (ms = 10_000) => AbortSignal.timeout(ms);
 
-async function rejection(promise: Promise<unknown>): Promise<VfiodError> {
-  const err = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!isVfiodError(err)) throw new Error(`expected a VfiodError, got ${String(err)}`);
-  return err;
-}
 
 /** A host device that does not exist on this machine: tests never touch real PCI devices. */
 function absentDevice(bdf: string) {
@@ -60,7 +53,7 @@ describeQemu("QemuBackend against real QEMU", () => {
 
   test("Attach to a prelaunch (-S) VM → VM_NOT_RUNNING, nothing added", async () => {
     const vm = await startQemu({ args: ["-S"] });
-    const err = await rejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "gpu0", signal()));
+    const err = await vfiodRejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "gpu0", signal()));
     // Had device_add been sent, QEMU would have answered "no such host device" instead.
     expect(err).toMatchObject({ reason: "VM_NOT_RUNNING", code: Code.FAILED_PRECONDITION });
     expect(err.message).toContain('"prelaunch"');
@@ -70,7 +63,7 @@ describeQemu("QemuBackend against real QEMU", () => {
   test("Attach to a paused VM → VM_PAUSED", async () => {
     const vm = await startQemu();
     await qmp(vm.socket, "stop");
-    const err = await rejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "", signal()));
+    const err = await vfiodRejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "", signal()));
     expect(err).toMatchObject({ reason: "VM_PAUSED", code: Code.FAILED_PRECONDITION, meta: { status: "paused" } });
   });
 
@@ -78,7 +71,7 @@ describeQemu("QemuBackend against real QEMU", () => {
     const vm = await startQemu();
     for (const bdf of ["0000:7f:1f.7", "10000:7f:1f.7"]) {
       const device = absentDevice(bdf);
-      const err = await rejection(backend.attach(vm.record, device, "", signal()));
+      const err = await vfiodRejection(backend.attach(vm.record, device, "", signal()));
       expect(err).toMatchObject({ reason: "DEVICE_NOT_FOUND", code: Code.NOT_FOUND, meta: { qmpClass: "GenericError" } });
       // The 5-digit VMD domain reaches QEMU intact because vfiod passes sysfsdev, not host.
       expect(err.message).toContain(`vfio ${device.path}: no such host device`);
@@ -88,19 +81,19 @@ describeQemu("QemuBackend against real QEMU", () => {
 
   test("all root ports occupied → NO_FREE_SLOT with the boot hint", async () => {
     const vm = await startQemu({ args: ["-device", "e1000e,id=nic1,bus=rp1", "-device", "e1000e,id=nic2,bus=rp2"] });
-    const err = await rejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "", signal()));
+    const err = await vfiodRejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "", signal()));
     expect(err).toMatchObject({ reason: "NO_FREE_SLOT", code: Code.RESOURCE_EXHAUSTED });
     expect(err.message).toContain("-device pcie-root-port");
   });
 
   test("an id held by a NIC → ID_IN_USE; Detach of the NIC → DEVICE_NOT_ATTACHED and the NIC stays", async () => {
     const vm = await startQemu({ args: ["-device", "e1000e,id=nic1,bus=rp1"] });
-    const inUse = await rejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "nic1", signal()));
+    const inUse = await vfiodRejection(backend.attach(vm.record, absentDevice("0000:7f:1f.7"), "nic1", signal()));
     expect(inUse).toMatchObject({ reason: "ID_IN_USE", code: Code.ALREADY_EXISTS });
-    const nic = await rejection(backend.detach(vm.record, "nic1", 1000, signal()));
+    const nic = await vfiodRejection(backend.detach(vm.record, "nic1", 1000, signal()));
     expect(nic).toMatchObject({ reason: "DEVICE_NOT_ATTACHED", code: Code.NOT_FOUND });
     expect(nic.message).toContain("e1000e, not a vfio-pci device");
-    const absent = await rejection(backend.detach(vm.record, "hostdev0", 1000, signal()));
+    const absent = await vfiodRejection(backend.detach(vm.record, "hostdev0", 1000, signal()));
     expect(absent).toMatchObject({ reason: "DEVICE_NOT_ATTACHED", code: Code.NOT_FOUND });
     await new Promise((resolve) => setTimeout(resolve, 300)); // time for an (unwanted) unplug to land
     expect(await peripheralNames(vm.socket)).toEqual(["nic1", "rp1", "rp2"]);
@@ -111,7 +104,7 @@ describeQemu("QemuBackend against real QEMU", () => {
     const other = await QmpClient.connect(vm.socket, { label: "other", signal: signal() });
     try {
       const started = Date.now();
-      const err = await rejection(backend.list(vm.record, signal(8000)));
+      const err = await vfiodRejection(backend.list(vm.record, signal(8000)));
       expect(Date.now() - started).toBeLessThan(4000);
       expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
       expect(err.message).not.toContain(vm.socket);
@@ -164,7 +157,7 @@ describe("QemuBackend against the QMP double", () => {
     const d = await start();
     const first = await backend.attach(vm, GPU, "gpu0", signal());
     await expect(backend.attach(vm, GPU, "gpu0", signal())).resolves.toEqual(first);
-    const elsewhere = await rejection(backend.attach(vm, GPU, "gpu1", signal()));
+    const elsewhere = await vfiodRejection(backend.attach(vm, GPU, "gpu1", signal()));
     expect(elsewhere).toMatchObject({ reason: "DEVICE_ALREADY_ATTACHED", code: Code.ALREADY_EXISTS, meta: { id: "gpu0" } });
     expect(elsewhere.message).toContain('"gpu0"');
     const other = parsePciAddress("0000:02:00.0");
@@ -185,7 +178,7 @@ describe("QemuBackend against the QMP double", () => {
 
   test("a non-viable IOMMU group → IOMMU_GROUP_NOT_VIABLE with QEMU's text", async () => {
     await start({ nonViable: { [GPU.bdf]: 12 } });
-    const err = await rejection(backend.attach(vm, GPU, "", signal()));
+    const err = await vfiodRejection(backend.attach(vm, GPU, "", signal()));
     expect(err).toMatchObject({ reason: "IOMMU_GROUP_NOT_VIABLE", code: Code.FAILED_PRECONDITION });
     expect(err.message).toContain("vfio 0000:01:00.0: group 12 is not viable");
   });
@@ -207,7 +200,7 @@ describe("QemuBackend against the QMP double", () => {
     await backend.attach(vm, GPU, "gpu0", signal());
     for (let attempt = 0; attempt < 2; attempt++) {
       const started = Date.now();
-      const err = await rejection(backend.detach(vm, "gpu0", 400, signal()));
+      const err = await vfiodRejection(backend.detach(vm, "gpu0", 400, signal()));
       const elapsed = Date.now() - started;
       expect(err).toMatchObject({ reason: "DETACH_PENDING", code: Code.DEADLINE_EXCEEDED, meta: { id: "gpu0" } });
       expect(elapsed).toBeGreaterThanOrEqual(390);
@@ -248,7 +241,7 @@ describe("QemuBackend against the QMP double", () => {
 
   test("the monitor closing during device_add → UNAVAILABLE, telling the caller to check with List", async () => {
     const d = await start({ hangUpOn: "device_add" });
-    const err = await rejection(backend.attach(vm, GPU, "", signal()));
+    const err = await vfiodRejection(backend.attach(vm, GPU, "", signal()));
     expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(err.message).toContain("device_add: QMP connection closed by QEMU; the device may have been added: List to check");
     expect(d.commands("device_add")).toHaveLength(1);

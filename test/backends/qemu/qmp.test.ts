@@ -2,23 +2,16 @@
 // plus a parity check that the double answers like QEMU.
 import net from "node:net";
 import path from "node:path";
-import { Code, isVfiodError, type VfiodError } from "../../../src/errors";
+import { Code } from "../../../src/errors";
 import { QmpClient, QmpError, type QmpEvent } from "../../../src/backends/qemu/qmp";
 import { QmpDouble } from "../../support/qmp-double";
 import { qemuAvailable, startQemu, stopAllQemu } from "../../support/qemu-vm";
+import { vfiodRejection } from "../../support/rejection";
 
 const label = 'qemu VM "t1"';
 const connect = (socket: string, signal = AbortSignal.timeout(10_000), greetingTimeoutMs?: number) =>
   QmpClient.connect(socket, { label, signal, greetingTimeoutMs });
 
-async function rejection(promise: Promise<unknown>): Promise<VfiodError> {
-  const err = await promise.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!isVfiodError(err)) throw new Error(`expected a VfiodError, got ${String(err)}`);
-  return err;
-}
 
 /** Holds the monitor like another tool would: reads the greeting and stays. */
 async function occupy(socket: string): Promise<net.Socket> {
@@ -72,7 +65,7 @@ describeQemu("QmpClient against real QEMU", () => {
     const vm = await startQemu();
     const client = await open(vm.socket);
     const signal = AbortSignal.timeout(5000);
-    const err = await rejection(client.execute("qom-list", { path: "/machine/peripheral/nope" }, signal));
+    const err = await vfiodRejection(client.execute("qom-list", { path: "/machine/peripheral/nope" }, signal));
     expect(err).toBeInstanceOf(QmpError);
     expect(err).toMatchObject({
       reason: "HYPERVISOR_ERROR",
@@ -81,7 +74,7 @@ describeQemu("QmpClient against real QEMU", () => {
       desc: "Device '/machine/peripheral/nope' not found",
     });
     expect(err.message).toBe(`${label}: qom-list: Device '/machine/peripheral/nope' not found`);
-    const again = await rejection(client.execute("qmp_capabilities", undefined, signal));
+    const again = await vfiodRejection(client.execute("qmp_capabilities", undefined, signal));
     expect(again).toMatchObject({ qmpClass: "CommandNotFound", desc: "Capabilities negotiation is already complete, command ignored" });
     await expect(client.execute("query-status", undefined, signal)).resolves.toMatchObject({ status: "running" });
   });
@@ -102,7 +95,7 @@ describeQemu("QmpClient against real QEMU", () => {
     const vm = await startQemu();
     await open(vm.socket);
     const started = Date.now();
-    const err = await rejection(connect(vm.socket, AbortSignal.timeout(10_000)));
+    const err = await vfiodRejection(connect(vm.socket, AbortSignal.timeout(10_000)));
     const elapsed = Date.now() - started;
     expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(err.message).toMatch(/busy.*another client/);
@@ -115,12 +108,12 @@ describeQemu("QmpClient against real QEMU", () => {
     const vm = await startQemu();
     holders.push(await occupy(vm.socket));
     const started = Date.now();
-    const late = await rejection(connect(vm.socket, AbortSignal.timeout(150)));
+    const late = await vfiodRejection(connect(vm.socket, AbortSignal.timeout(150)));
     expect(Date.now() - started).toBeLessThan(1500);
     expect(late).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.DEADLINE_EXCEEDED });
     const gone = new AbortController();
     setTimeout(() => gone.abort(), 50);
-    expect(await rejection(connect(vm.socket, gone.signal))).toMatchObject({ code: Code.CANCELLED });
+    expect(await vfiodRejection(connect(vm.socket, gone.signal))).toMatchObject({ code: Code.CANCELLED });
   });
 
   test("once the first client leaves, the next one is served", async () => {
@@ -139,7 +132,7 @@ describeQemu("QmpClient against real QEMU", () => {
     const stop = new AbortController();
     const status = client.execute("query-status", undefined, stop.signal);
     stop.abort();
-    expect(await rejection(status)).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.CANCELLED });
+    expect(await vfiodRejection(status)).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.CANCELLED });
     const type = await client.execute("qom-get", { path: "/machine/peripheral/rp1", property: "type" }, AbortSignal.timeout(5000));
     expect(type).toBe("pcie-root-port");
   });
@@ -149,14 +142,14 @@ describeQemu("QmpClient against real QEMU", () => {
     const client = await open(vm.socket);
     const never = client.waitEvent(() => false, AbortSignal.timeout(10_000), "nothing");
     await vm.kill();
-    const lost = await rejection(never);
+    const lost = await vfiodRejection(never);
     expect(lost).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(lost.message).toBe(`${label}: QMP connection closed by QEMU`);
 
-    const refused = await rejection(connect(vm.socket));
+    const refused = await vfiodRejection(connect(vm.socket));
     expect(refused).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(refused.message).toBe(`${label}: QMP socket refused the connection (QEMU is not running)`);
-    const missing = await rejection(connect(path.join(path.dirname(vm.socket), "absent.sock")));
+    const missing = await vfiodRejection(connect(path.join(path.dirname(vm.socket), "absent.sock")));
     expect(missing.message).toBe(`${label}: QMP socket does not exist (VM not started or gone)`);
     expect(missing.cause).toMatchObject({ code: "ENOENT" });
   });
@@ -241,7 +234,7 @@ describe("QmpClient against the QMP double", () => {
   test("a monitor closing mid-command fails that command with UNAVAILABLE naming it", async () => {
     double = await QmpDouble.start({ hangUpOn: "query-pci" });
     const client = await connect(double.socket);
-    const err = await rejection(client.execute("query-pci", undefined, AbortSignal.timeout(5000)));
+    const err = await vfiodRejection(client.execute("query-pci", undefined, AbortSignal.timeout(5000)));
     expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(err.message).toBe(`${label}: query-pci: QMP connection closed by QEMU`);
     await expect(client.execute("query-status", undefined, AbortSignal.timeout(5000))).rejects.toMatchObject({
@@ -252,7 +245,7 @@ describe("QmpClient against the QMP double", () => {
   test("a monitor that never greets is reported busy after the greeting bound", async () => {
     double = await QmpDouble.start({ greets: false });
     const started = Date.now();
-    const err = await rejection(connect(double.socket, AbortSignal.timeout(5000), 300));
+    const err = await vfiodRejection(connect(double.socket, AbortSignal.timeout(5000), 300));
     expect(Date.now() - started).toBeLessThan(2000);
     expect(err).toMatchObject({ code: Code.UNAVAILABLE });
     expect(err.message).toBe(`${label}: QMP monitor busy: no greeting within 300 ms (another client is connected)`);
