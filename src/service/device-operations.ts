@@ -69,10 +69,9 @@ export class DeviceOperations {
       });
     return this.deps.locks.run(`device:${device.bdf}`, signal, busy, async () => {
       await this.refuseIfAttachedElsewhere(vm, device, signal);
-      const attached = await this.mutate(vm, signal, () =>
+      return this.mutate(vm, signal, () =>
         this.logOutcome("attach", { vm: vm.id, device: device.bdf, id }, signal, () => backend.attach(vm, device, id, signal)),
       );
-      return attached;
     });
   }
 
