@@ -59,12 +59,27 @@ function parseMode(text: string): number {
   return Number.parseInt(text, 8);
 }
 
+/** HOST:PORT (HOST may be a bracketed IPv6 address), already checked by the flag parser. */
+export function splitHostPort(hostPort: string): { host: string; port: number } {
+  const at = hostPort.lastIndexOf(":");
+  return { host: hostPort.slice(0, at).replace(/^\[|\]$/g, ""), port: Number(hostPort.slice(at + 1)) };
+}
+
 /** Is the HOST of HOST:PORT a loopback address (where plaintext is acceptable)? */
 export function isLoopbackListen(listen: string): boolean {
-  const host = listen.slice(0, listen.lastIndexOf(":")).replace(/^\[|\]$/g, "");
+  const { host } = splitHostPort(listen);
   if (host === "localhost") return true;
   if (net.isIPv4(host)) return host.startsWith("127.");
   return host === "::1";
+}
+
+function parseAllowDevices(list: string | undefined, sysfsRoot: string, usage: string): DeviceAllowList | undefined {
+  if (list === undefined) return undefined;
+  try {
+    return DeviceAllowList.parse(list, sysfsRoot);
+  } catch (err) {
+    throw new UsageError((err as Error).message, usage);
+  }
 }
 
 function buildCommand(): Command {
@@ -115,7 +130,7 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     process.env = savedEnv;
   }
   const o = command.opts();
-  let config: Config = {
+  const config: Config = {
     listen: o.listen,
     socket: o.socket,
     socketMode: o.socketMode,
@@ -132,18 +147,11 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       o.allowClient === undefined
         ? undefined
         : new Set((o.allowClient as string).split(",").map((name) => name.trim()).filter((name) => name !== "")),
-    allowDevices: undefined,
+    allowDevices: parseAllowDevices(o.allowDevices, o.sysfsRoot, usage),
     auditLog: o.auditLog,
     metricsListen: o.metricsListen,
     logLevel: o.logLevel,
   };
-  if (o.allowDevices !== undefined) {
-    try {
-      config = { ...config, allowDevices: DeviceAllowList.parse(o.allowDevices, config.sysfsRoot) };
-    } catch (err) {
-      throw new UsageError((err as Error).message, usage);
-    }
-  }
   if (config.allowClients !== undefined && config.tlsClientCa === undefined) {
     throw new UsageError("--allow-client needs mTLS: give --tls-client-ca too", usage);
   }

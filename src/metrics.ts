@@ -1,6 +1,7 @@
 // --metrics-listen: Prometheus text format on /metrics (prom-client).
 import http from "node:http";
 import { Counter, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { splitHostPort } from "./config";
 
 export class Metrics {
   readonly registry = new Registry();
@@ -29,8 +30,7 @@ export class Metrics {
 
   /** Serves /metrics on HOST:PORT; resolves with the bound port. */
   listen(hostPort: string): Promise<{ server: http.Server; port: number }> {
-    const at = hostPort.lastIndexOf(":");
-    const host = hostPort.slice(0, at).replace(/^\[|\]$/g, "");
+    const { host, port } = splitHostPort(hostPort);
     const server = http.createServer((req, res) => {
       if (req.url !== "/metrics") {
         res.writeHead(404).end("not found\n");
@@ -43,7 +43,7 @@ export class Metrics {
     });
     return new Promise((resolve, reject) => {
       server.once("error", reject);
-      server.listen(Number(hostPort.slice(at + 1)), host, () => {
+      server.listen(port, host, () => {
         const address = server.address();
         resolve({ server, port: typeof address === "object" && address !== null ? address.port : 0 });
       });
