@@ -85,3 +85,20 @@ test("SIGTERM stops accepting, lets the in-flight call finish, and exits 0", asy
     await ch.close();
   }
 });
+
+test("--metrics-listen serves Prometheus counters of DeviceService calls", async () => {
+  vfiod = await startVfiod(["--cocoon-root", dir, "--metrics-listen", "127.0.0.1:0"]);
+  const metricsLine = vfiod.logs.find((l) => l.msg === "metrics serving on /metrics");
+  expect(metricsLine).toBeDefined();
+  const client = createDeviceClient(vfiod.address);
+  try {
+    await expect(client.list({ vm: "nope" })).rejects.toMatchObject({ code: grpc.status.NOT_FOUND });
+  } finally {
+    client.close();
+  }
+  const response = await fetch(`http://127.0.0.1:${String(metricsLine!.port)}/metrics`);
+  expect(response.status).toBe(200);
+  expect(await response.text()).toMatch(/vfiod_grpc_calls_total\{method="List",code="NOT_FOUND"\} 1/);
+  expect((await fetch(`http://127.0.0.1:${String(metricsLine!.port)}/other`)).status).toBe(404);
+});
+
