@@ -63,7 +63,6 @@ export interface VfiodServerOptions {
   readonly allowedClients?: ReadonlySet<string>;
   readonly audit?: AuditLog;
   readonly metrics?: Metrics;
-  readonly grpc?: grpc.ServerOptions;
 }
 
 interface Described {
@@ -118,7 +117,7 @@ function accounting(log: Logger, options: VfiodServerOptions) {
 }
 
 export function createVfiodServer(operations: DeviceOperations, log: Logger, options: VfiodServerOptions = {}): VfiodServer {
-  const server = new grpc.Server(options.grpc ?? {});
+  const server = new grpc.Server();
   const account = accounting(log, options);
   server.addService(
     serviceDefinition(DeviceService),
