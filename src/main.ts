@@ -12,7 +12,7 @@ import { Inventory } from "./inventory/inventory";
 import { createLogger, type Logger } from "./log";
 import { Metrics } from "./metrics";
 import { DeviceOperations } from "./service/device-operations";
-import { KeyedLocks } from "./service/keyed-locks";
+import { KeyedLocks } from "./keyed-locks";
 import { groupId } from "./unix-socket";
 
 /** How long draining waits for in-flight calls before cutting them off. */

@@ -9,7 +9,7 @@ import type { DeviceAllowList } from "../host/device-allow-list";
 import type { VmRecord } from "../inventory/vm";
 import type { Logger } from "../log";
 import { parsePciAddress, type PciAddress } from "../pci/address";
-import type { KeyedLocks } from "./keyed-locks";
+import type { KeyedLocks } from "../keyed-locks";
 import { withOpsFlock } from "./ops-flock";
 
 export interface VmDirectory {

@@ -11,7 +11,7 @@ import { HostPreflight } from "../../src/host/preflight";
 import { Inventory } from "../../src/inventory/inventory";
 import { silentLogger, type Logger } from "../../src/log";
 import { DeviceOperations } from "../../src/service/device-operations";
-import { KeyedLocks } from "../../src/service/keyed-locks";
+import { KeyedLocks } from "../../src/keyed-locks";
 
 export interface TestServerOptions {
   inventoryFile?: string;

@@ -7,6 +7,7 @@ import { abortedError, type Reason, VfiodError } from "../../errors";
 import type { VmRecord } from "../../inventory/vm";
 import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
 import type { AttachedDevice, Backend } from "../backend";
+import { KeyedLocks } from "../../keyed-locks";
 import { sentRequestSignal } from "../sent-request";
 import { QmpClient, QmpError, type QmpEvent } from "./qmp";
 
@@ -45,8 +46,8 @@ interface PciDeviceInfo {
 
 export class QemuBackend implements Backend {
   private readonly pollIntervalMs: number;
-  /** The last operation queued per QMP socket. */
-  private readonly tails = new Map<string, Promise<void>>();
+  /** One QMP session per socket at a time: QEMU serves one client (qemu-qmp.md §1). */
+  private readonly sessions = new KeyedLocks();
   /**
    * Removals QEMU accepted that the guest has not finished, per socket: id -> host
    * BDF. A repeated device_del is not harmless (§4), so a later Detach only waits.
@@ -177,29 +178,19 @@ export class QemuBackend implements Backend {
   }
 
   /** Runs `op` with a fresh QMP session, after the operations queued before it on the same socket. */
-  private async session<T>(vm: VmRecord, signal: AbortSignal, op: (monitor: Monitor) => Promise<T>): Promise<T> {
+  private session<T>(vm: VmRecord, signal: AbortSignal, op: (monitor: Monitor) => Promise<T>): Promise<T> {
     const label = `qemu VM ${JSON.stringify(vm.name)}`;
-    const before = this.tails.get(vm.socket) ?? Promise.resolve();
-    let release!: () => void;
-    const mine = new Promise<void>((resolve) => (release = resolve));
-    const tail = before.then(() => mine);
-    this.tails.set(vm.socket, tail);
-    try {
-      await raceAbort(before, signal, `${label}: waiting for another operation on this VM`);
+    const gaveUp = () => abortedError(signal, `${label}: waiting for another operation on this VM`);
+    return this.sessions.run(vm.socket, signal, gaveUp, async () => {
       const client = await QmpClient.connect(vm.socket, { label, signal });
       try {
         return await op(new Monitor(client, vm.id, signal));
       } finally {
         client.close();
       }
-    } finally {
-      release();
-      // Even after an abort, `tail` still waits for `before`: forget it only once settled.
-      void tail.then(() => {
-        if (this.tails.get(vm.socket) === tail) this.tails.delete(vm.socket);
-      });
-    }
+    });
   }
+
 }
 
 /** The QMP reads and writes of one operation, bound to its signal. */
@@ -357,18 +348,4 @@ function freeId(peripherals: readonly QomProperty[]): string {
 
 function isTimeout(reason: unknown): boolean {
   return reason instanceof DOMException && reason.name === "TimeoutError";
-}
-
-async function raceAbort(promise: Promise<void>, signal: AbortSignal, what: string): Promise<void> {
-  if (signal.aborted) throw abortedError(signal, what);
-  let onAbort!: () => void;
-  const aborted = new Promise<never>((_, reject) => {
-    onAbort = () => reject(abortedError(signal, what));
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
-  try {
-    await Promise.race([promise, aborted]);
-  } finally {
-    signal.removeEventListener("abort", onAbort);
-  }
 }
