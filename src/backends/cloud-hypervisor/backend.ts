@@ -6,6 +6,7 @@ import { abortedError, Code, VfiodError } from "../../errors";
 import type { VmRecord } from "../../inventory/vm";
 import { parsePciAddress, type PciAddress } from "../../pci/address";
 import type { AttachedDevice, Backend } from "../backend";
+import { PendingRemovals } from "../pending-removals";
 import { sentRequestSignal } from "../sent-request";
 import { CloudHypervisorClient, type ChDeviceConfig, type ChVmInfo } from "./client";
 
@@ -78,7 +79,7 @@ export class CloudHypervisorBackend implements Backend {
    * carries no host address, so vfiod remembers it to keep reporting the device
    * as held (List, and the one-device-one-VM check).
    */
-  private readonly pendingRemovals = new Map<string, Map<string, string>>();
+  private readonly pendingRemovals = new PendingRemovals();
 
   constructor(options: CloudHypervisorBackendOptions = {}) {
     this.pollIntervalMs = options.pollIntervalMs ?? 100;
@@ -118,7 +119,7 @@ export class CloudHypervisorBackend implements Backend {
         "retry later or use another id";
       throw new VfiodError("ID_IN_USE", message, { meta });
     }
-    const stillHeld = [...this.pendingOf(vm.socket)].find(([pendingId, bdf]) => bdf === device.bdf && hasNode(info, pendingId));
+    const stillHeld = [...this.pendingRemovals.of(vm.socket)].find(([pendingId, bdf]) => bdf === device.bdf && hasNode(info, pendingId));
     if (stillHeld !== undefined) {
       const message =
         `vm ${vm.name}: device ${device.bdf} is still held under id ${stillHeld[0]}: its removal is pending in the guest; ` +
@@ -159,7 +160,7 @@ export class CloudHypervisorBackend implements Backend {
       const meta = { vm: vm.id, id };
       throw new VfiodError("DEVICE_NOT_ATTACHED", `vm ${vm.name}: device id "${id}" not attached`, { meta });
     }
-    const pending = this.pendingOf(vm.socket);
+    const pending = this.pendingRemovals.of(vm.socket);
     // A second remove is refused by v53.0 (PR #8559), so never repeat a pending one.
     if (configured !== undefined) {
       await client.removeDevice(id, sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.remove-device`));
@@ -184,7 +185,7 @@ export class CloudHypervisorBackend implements Backend {
       throw err;
     }
     const configured = devicesOf(info).map((entry) => toAttached(entry, info));
-    const pending = this.pendingOf(vm.socket);
+    const pending = this.pendingRemovals.of(vm.socket);
     const held: AttachedDevice[] = [];
     for (const [id, bdf] of pending) {
       if (!hasNode(info, id) || configured.some((d) => d.id === id)) {
@@ -197,11 +198,6 @@ export class CloudHypervisorBackend implements Backend {
     return [...configured, ...held];
   }
 
-  private pendingOf(socket: string): Map<string, string> {
-    let pending = this.pendingRemovals.get(socket);
-    if (pending === undefined) this.pendingRemovals.set(socket, (pending = new Map()));
-    return pending;
-  }
 
   private async awaitEject(
     client: CloudHypervisorClient,

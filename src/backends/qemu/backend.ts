@@ -8,6 +8,7 @@ import type { VmRecord } from "../../inventory/vm";
 import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
 import type { AttachedDevice, Backend } from "../backend";
 import { KeyedLocks } from "../../keyed-locks";
+import { PendingRemovals } from "../pending-removals";
 import { sentRequestSignal } from "../sent-request";
 import { QmpClient, QmpError, type QmpEvent } from "./qmp";
 
@@ -52,7 +53,7 @@ export class QemuBackend implements Backend {
    * Removals QEMU accepted that the guest has not finished, per socket: id -> host
    * BDF. A repeated device_del is not harmless (§4), so a later Detach only waits.
    */
-  private readonly pendingRemovals = new Map<string, Map<string, string>>();
+  private readonly pendingRemovals = new PendingRemovals();
 
   constructor(options: QemuBackendOptions = {}) {
     this.pollIntervalMs = options.pollIntervalMs ?? 500;
@@ -82,7 +83,7 @@ export class QemuBackend implements Backend {
       const port = await monitor.freeRootPort(peripherals);
       const newId = id !== "" ? id : freeId(peripherals);
       await monitor.deviceAdd(device, newId, port);
-      this.pendingOf(vm.socket).delete(newId);
+      this.pendingRemovals.of(vm.socket).delete(newId);
       // The device is in: a failed or cut-short read of its guest address must not turn that into an error.
       const guestBdf = await monitor.guestAddresses().then(
         (addresses) => addresses.get(newId) ?? "",
@@ -95,7 +96,7 @@ export class QemuBackend implements Backend {
   async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<void> {
     return this.session(vm, signal, async (monitor) => {
       await monitor.requireRunning();
-      const pending = this.pendingOf(vm.socket);
+      const pending = this.pendingRemovals.of(vm.socket);
       const entry = (await monitor.peripherals()).find((p) => p.name === id);
       if (entry === undefined && pending.delete(id)) return; // the removal asked for earlier has finished
       // Only vfio-pci: vfiod must never remove a VM's NIC or disk.
@@ -131,7 +132,7 @@ export class QemuBackend implements Backend {
   async list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
     return this.session(vm, signal, async (monitor) => {
       const peripherals = await monitor.peripherals();
-      const pending = this.pendingOf(vm.socket);
+      const pending = this.pendingRemovals.of(vm.socket);
       for (const id of pending.keys()) if (!peripherals.some((p) => p.name === id)) pending.delete(id);
       return monitor.vfioDevices(peripherals);
     });
@@ -171,11 +172,6 @@ export class QemuBackend implements Backend {
     }
   }
 
-  private pendingOf(socket: string): Map<string, string> {
-    let pending = this.pendingRemovals.get(socket);
-    if (pending === undefined) this.pendingRemovals.set(socket, (pending = new Map()));
-    return pending;
-  }
 
   /** Runs `op` with a fresh QMP session, after the operations queued before it on the same socket. */
   private session<T>(vm: VmRecord, signal: AbortSignal, op: (monitor: Monitor) => Promise<T>): Promise<T> {
