@@ -27,7 +27,7 @@ function ambiguous(ref: string, matches: readonly VmRecord[]): VfiodError {
 }
 
 function notFound(ref: string, vms: readonly VmRecord[]): VfiodError {
-  const tooShort = ref.length < MIN_PREFIX && vms.some((vm) => vm.id.startsWith(ref));
+  const tooShort = ref.length < MIN_PREFIX && vms.some((vm) => vm.idIsName !== true && vm.id.startsWith(ref));
   const hint = tooShort ? ` (an id prefix needs at least ${MIN_PREFIX} characters)` : "";
   return new VfiodError("VM_NOT_FOUND", `vm ${quote(ref)} not found${hint}`);
 }
@@ -46,7 +46,8 @@ export function resolveVm(ref: string, vms: readonly VmRecord[]): VmRecord {
       return byId.some((vm) => vm.name === ref) ? vms.filter((vm) => vm.id === ref || vm.name === ref) : byId;
     },
     () => vms.filter((vm) => vm.name === ref),
-    () => (ref.length >= MIN_PREFIX ? vms.filter((vm) => vm.id.startsWith(ref)) : []),
+    // Only ids a source really has: an id that is just the name is a name.
+    () => (ref.length >= MIN_PREFIX ? vms.filter((vm) => vm.idIsName !== true && vm.id.startsWith(ref)) : []),
   ];
   for (const tier of tiers) {
     const [first, ...others] = tier();

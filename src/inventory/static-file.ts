@@ -25,11 +25,12 @@ function parseEntry(entry: unknown, where: string): VmRecord {
   const unknown = Object.keys(entry).find((key) => !ENTRY_KEYS.has(key));
   if (unknown !== undefined) throw new Error(`${where}: unknown key ${JSON.stringify(unknown)}`);
   const name = nonEmptyString(entry, "name", where);
-  const id = entry.id === undefined ? name : nonEmptyString(entry, "id", where);
+  const idIsName = entry.id === undefined;
+  const id = idIsName ? name : nonEmptyString(entry, "id", where);
   const hypervisor = nonEmptyString(entry, "hypervisor", where);
   const socket = nonEmptyString(entry, "socket", where);
   if (!path.isAbsolute(socket)) throw new Error(`${where}: "socket" must be an absolute path, got ${JSON.stringify(socket)}`);
-  return { id, name, hypervisor, socket, source: "inventory" };
+  return { id, name, hypervisor, socket, source: "inventory", ...(idIsName ? { idIsName: true } : {}) };
 }
 
 /**

@@ -18,6 +18,11 @@ export interface VmRecord {
   readonly socket: string;
   readonly source: VmSource;
   /**
+   * Set when the source gave no id and `id` is the name (a static inventory entry
+   * without "id"). Names are never prefix-matched, so neither is such an id.
+   */
+  readonly idIsName?: true;
+  /**
    * Set when the source itself knows the VM cannot be reached (cocoon: state is
    * not "running", or its pid file and /proc do not match); the message says why.
    */

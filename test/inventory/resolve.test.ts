@@ -57,6 +57,16 @@ describe("resolveVm", () => {
     expect(failure("gpu", VMS).message).toBe('vm "gpu" not found');
   });
 
+  test("an id that is only the name (a static entry without an id) is never prefix-matched", () => {
+    const node = { ...vm("gpu-node-1", "gpu-node-1"), idIsName: true as const };
+    const err = failure("gpu", [node]);
+    expect(err.reason).toBe("VM_NOT_FOUND");
+    expect(failure("gpu-node", [node]).reason).toBe("VM_NOT_FOUND");
+    expect(resolveVm("gpu-node-1", [node])).toBe(node);
+    // The same string as a real id is still a prefix.
+    expect(resolveVm("gpu-node", [vm("other", "gpu-node-1")]).name).toBe("other");
+  });
+
   test("the same name in two sources is ambiguous, also when one VM's id is its name", () => {
     const err = failure("gpu-vm", [vm("gpu-vm", "gpu-vm", "inventory"), GPU]);
     expect(err.reason).toBe("VM_AMBIGUOUS");

@@ -12,9 +12,9 @@ describe("parseInventoryFile", () => {
       file([OK, { name: "db", id: "db-0001", hypervisor: "qemu", socket: "/run/db/qmp.sock" }, { ...OK, name: "x", hypervisor: "acme-vmm" }]),
     );
     expect(vms).toEqual([
-      { id: "vm1", name: "vm1", hypervisor: "cloud-hypervisor", socket: "/run/vm1/api.sock", source: "inventory" },
+      { id: "vm1", name: "vm1", hypervisor: "cloud-hypervisor", socket: "/run/vm1/api.sock", source: "inventory", idIsName: true },
       { id: "db-0001", name: "db", hypervisor: "qemu", socket: "/run/db/qmp.sock", source: "inventory" },
-      { id: "x", name: "x", hypervisor: "acme-vmm", socket: "/run/vm1/api.sock", source: "inventory" },
+      { id: "x", name: "x", hypervisor: "acme-vmm", socket: "/run/vm1/api.sock", source: "inventory", idIsName: true },
     ]);
     expect(parseInventoryFile('{"vms": []}')).toEqual([]);
   });
