@@ -1,13 +1,13 @@
 // The gRPC surface: vfiod.v1.DeviceService, grpc.health.v1.Health and server
 // reflection (v1 and v1alpha), on one grpc-js server.
 import * as grpc from "@grpc/grpc-js";
-import * as protoLoader from "@grpc/proto-loader";
 import { ReflectionService } from "@grpc/reflection";
 import { toBinary, type DescFile, type MessageInitShape } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import { HealthImplementation, protoPath as healthProtoPath } from "grpc-health-check";
+import { HealthImplementation } from "grpc-health-check";
 import { file_google_rpc_error_details } from "../../gen/google/rpc/error_details_pb";
 import { file_google_rpc_status } from "../../gen/google/rpc/status_pb";
+import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb";
 import { DeviceService, file_vfiod_v1_device, type DeviceSchema } from "../../gen/vfiod/v1/device_pb";
 import type { AuditLog } from "../audit";
 import type { AttachedDevice } from "../backends/backend";
@@ -37,16 +37,23 @@ function transitiveFiles(roots: DescFile[]): DescFile[] {
   return [...seen.values()];
 }
 
+/**
+ * Reflection over protoc-gen-es descriptors: vfiod's own files, and the standard health
+ * service's grpc/health/v1/health.proto (generated from grpc-health-check's proto, which
+ * @grpc/proto-loader would rebuild into a file reflection clients refuse to load).
+ */
 function reflectionService(): ReflectionService {
-  const files = transitiveFiles([file_vfiod_v1_device, file_google_rpc_status, file_google_rpc_error_details]);
-  const encoded = files.map((file) => Buffer.from(toBinary(FileDescriptorProtoSchema, file.proto)));
-  const health = protoLoader.loadSync(healthProtoPath);
-  // @grpc/reflection reads only `fileDescriptorProtos` of each entry.
-  const packageDefinition = {
-    [DEVICE_SERVICE_NAME]: { fileDescriptorProtos: encoded },
-    ...health,
-  } as unknown as protoLoader.PackageDefinition;
-  return new ReflectionService(packageDefinition);
+  const files = transitiveFiles([
+    file_vfiod_v1_device,
+    file_google_rpc_status,
+    file_google_rpc_error_details,
+    file_grpc_health_v1_health,
+  ]);
+  const fileDescriptorProtos = files.map((file) => Buffer.from(toBinary(FileDescriptorProtoSchema, file.proto)));
+  // @grpc/reflection takes a proto-loader PackageDefinition but reads only `fileDescriptorProtos`
+  // of each entry, and indexes every file of every entry by name: one entry carries them all.
+  const packageDefinition = { [DEVICE_SERVICE_NAME]: { fileDescriptorProtos } };
+  return new ReflectionService(packageDefinition as unknown as ConstructorParameters<typeof ReflectionService>[0]);
 }
 
 export interface VfiodServer {
