@@ -3,15 +3,14 @@
 import * as grpc from "@grpc/grpc-js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
-import { execFile } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { promisify } from "node:util";
 import type { Backend } from "../../src/backends/backend";
 import { BackendRegistry } from "../../src/backends/registry";
 import { VfiodError } from "../../src/errors";
 import { errorInfo } from "../../src/grpc/client";
+import { bufCurlCall } from "../support/buf-curl";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { checkHealth, reflect } from "../support/grpc-clients";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
@@ -78,13 +77,8 @@ describe.each(["v1", "v1alpha"] as const)("server reflection %s", (version) => {
 });
 
 test("buf curl (a reflection-only client, like grpcurl) calls List with no proto files", async () => {
-  const buf = path.resolve(__dirname, "../../node_modules/.bin/buf");
-  const { stdout } = await promisify(execFile)(
-    buf,
-    ["curl", "--protocol", "grpc", "--http2-prior-knowledge", "-d", '{"vm":"odd"}',
-      `http://${server.address}/vfiod.v1.DeviceService/List`],
-    { timeout: 30_000 },
-  );
+  const { exitCode, stdout, stderr } = await bufCurlCall(server.address, "vfiod.v1.DeviceService/List", { vm: "odd" });
+  expect({ exitCode, stderr }).toEqual({ exitCode: 0, stderr: "" });
   expect(JSON.parse(stdout)).toEqual({});
 });
 
