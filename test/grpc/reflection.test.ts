@@ -1,10 +1,9 @@
 // What a reflection-only client (grpcurl, buf curl) sees of vfiod: every service it
 // lists must load from the descriptors reflection serves, and be callable with no
 // proto files. A real in-process vfiod, a fake sysfs and a Cloud Hypervisor double.
-import { create, createFileRegistry, fromBinary } from "@bufbuild/protobuf";
+import { create, createFileRegistry } from "@bufbuild/protobuf";
 import {
   FieldDescriptorProto_Label,
-  FileDescriptorProtoSchema,
   FileDescriptorSetSchema,
   type DescriptorProto,
   type FileDescriptorProto,
@@ -15,7 +14,7 @@ import path from "node:path";
 import { bufCurl, bufCurlCall, parseBufCurlError } from "../support/buf-curl";
 import { ChDouble } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
-import { reflect } from "../support/grpc-clients";
+import { reflect, reflectFiles } from "../support/grpc-clients";
 import { startTestServer, type TestServer } from "../support/test-server";
 
 const HEALTH = "grpc.health.v1.Health";
@@ -25,6 +24,9 @@ let dir: string;
 let sysfs: FakeSysfs;
 let ch: ChDouble;
 let server: TestServer;
+
+/** Requests that would change the VM's devices. */
+const mutations = () => ch.requests.filter((r) => r.endpoint === "vm.add-device" || r.endpoint === "vm.remove-device").length;
 
 beforeAll(async () => {
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "vfiod-refl-"));
@@ -37,9 +39,6 @@ beforeAll(async () => {
   server = await startTestServer({ inventoryFile, sysfsRoot: sysfs.root });
 });
 
-/** Requests that would change the VM's devices. */
-const mutations = () => ch.requests.filter((r) => r.endpoint === "vm.add-device" || r.endpoint === "vm.remove-device").length;
-
 afterAll(async () => {
   await server.stop();
   await ch.close();
@@ -47,24 +46,16 @@ afterAll(async () => {
   fs.rmSync(dir, { recursive: true, force: true });
 });
 
-/** The files of one file_descriptor_response, decoded. */
-async function reflectFiles(version: "v1" | "v1alpha", request: Record<string, string>): Promise<FileDescriptorProto[]> {
-  const response = await reflect(server.address, version, request);
-  const files = response.file_descriptor_response as { file_descriptor_proto: Buffer[] } | undefined;
-  if (files === undefined) throw new Error(`reflection ${version} ${JSON.stringify(request)}: ${JSON.stringify(response.error_response)}`);
-  return files.file_descriptor_proto.map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
-}
-
 /** Every file reflection serves for the services it lists, with each import fetched by name. */
 async function everyServedFile(version: "v1" | "v1alpha"): Promise<Map<string, FileDescriptorProto>> {
   const listed = await reflect(server.address, version, { list_services: "*" });
   const services = (listed.list_services_response as { service: { name: string }[] }).service.map((s) => s.name);
   const files = new Map<string, FileDescriptorProto>();
   const add = (batch: FileDescriptorProto[]) => batch.forEach((file) => files.set(file.name, file));
-  for (const service of services) add(await reflectFiles(version, { file_containing_symbol: service }));
+  for (const service of services) add(await reflectFiles(server.address, version, { file_containing_symbol: service }));
   const missing = () => [...files.values()].flatMap((file) => file.dependency).filter((name) => !files.has(name));
   for (let names = missing(); names.length > 0; names = missing()) {
-    for (const name of names) add(await reflectFiles(version, { file_by_filename: name }));
+    for (const name of names) add(await reflectFiles(server.address, version, { file_by_filename: name }));
   }
   return files;
 }
@@ -119,7 +110,7 @@ describe("buf curl lists through reflection alone", () => {
 
 describe.each(["v1", "v1alpha"] as const)("reflection %s descriptors", (version) => {
   test("grpc.health.v1.Health comes in grpc/health/v1/health.proto, its map field a proper map entry", async () => {
-    const files = await reflectFiles(version, { file_containing_symbol: HEALTH });
+    const files = await reflectFiles(server.address, version, { file_containing_symbol: HEALTH });
     const health = files.find((file) => file.service.some((service) => `${file.package}.${service.name}` === HEALTH));
     expect(health?.name).toBe("grpc/health/v1/health.proto");
     expect(strayMapEntries(health!)).toEqual([]);

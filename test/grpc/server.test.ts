@@ -1,8 +1,6 @@
 // The gRPC surface itself: health, reflection (what grpcurl needs), and the one
 // error mapping (ErrorInfo detail; nothing internal leaks).
 import * as grpc from "@grpc/grpc-js";
-import { fromBinary } from "@bufbuild/protobuf";
-import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -12,7 +10,7 @@ import { VfiodError } from "../../src/errors";
 import { errorInfo } from "../../src/grpc/client";
 import { bufCurlCall } from "../support/buf-curl";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
-import { checkHealth, reflect } from "../support/grpc-clients";
+import { checkHealth, reflect, reflectFiles } from "../support/grpc-clients";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
 
 let dir: string;
@@ -62,10 +60,7 @@ describe.each(["v1", "v1alpha"] as const)("server reflection %s", (version) => {
 
   test("describes DeviceService with every file it imports, so clients can resolve all types", async () => {
     for (const symbol of ["vfiod.v1.DeviceService", "google.rpc.ErrorInfo", "google.rpc.Status"]) {
-      const response = await reflect(server.address, version, { file_containing_symbol: symbol });
-      const files = (response.file_descriptor_response as { file_descriptor_proto: Buffer[] }).file_descriptor_proto.map(
-        (bytes) => fromBinary(FileDescriptorProtoSchema, bytes),
-      );
+      const files = await reflectFiles(server.address, version, { file_containing_symbol: symbol });
       const names = new Set(files.map((f) => f.name));
       for (const file of files) for (const dependency of file.dependency) expect(names).toContain(dependency);
       if (symbol === "vfiod.v1.DeviceService") {

@@ -1,6 +1,8 @@
 // Clients for the standard services vfiod serves beside its own: health and
 // server reflection (v1, v1alpha), loaded from the packages' own proto files.
 import * as grpc from "@grpc/grpc-js";
+import { fromBinary } from "@bufbuild/protobuf";
+import { FileDescriptorProtoSchema, type FileDescriptorProto } from "@bufbuild/protobuf/wkt";
 import * as protoLoader from "@grpc/proto-loader";
 import { protoPath as healthProtoPath } from "grpc-health-check";
 import path from "node:path";
@@ -41,4 +43,16 @@ export function reflect(address: string, version: "v1" | "v1alpha", request: Rec
     call.once("error", reject);
     call.write(request);
   });
+}
+
+/** The files of one reflection request answered with a file_descriptor_response, decoded. */
+export async function reflectFiles(
+  address: string,
+  version: "v1" | "v1alpha",
+  request: Record<string, string>,
+): Promise<FileDescriptorProto[]> {
+  const response = await reflect(address, version, request);
+  const files = response.file_descriptor_response as { file_descriptor_proto: Buffer[] } | undefined;
+  if (files === undefined) throw new Error(`reflection ${version} ${JSON.stringify(request)}: ${JSON.stringify(response.error_response)}`);
+  return files.file_descriptor_proto.map((bytes) => fromBinary(FileDescriptorProtoSchema, bytes));
 }
