@@ -2,7 +2,10 @@
 // registry shape): a duplicate type is a programming error and throws at boot.
 import { VfiodError } from "../errors";
 import type { HypervisorKind } from "../inventory/vm";
-import type { Backend } from "./backend";
+import { canAttach, type Backend, type DeviceAttacher, type DeviceLister } from "./backend";
+
+/** cocoon's ErrUnsupportedBackend text (cocoon.md A.1); the contract promises it in the message. */
+export const UNSUPPORTED_MESSAGE = "backend does not support device attach";
 
 export class BackendRegistry {
   private readonly backends = new Map<HypervisorKind, Backend>();
@@ -20,13 +23,28 @@ export class BackendRegistry {
   }
 
   /** @throws VfiodError BACKEND_UNSUPPORTED (UNIMPLEMENTED) naming the type. */
-  get(kind: HypervisorKind): Backend {
-    const backend = this.backends.get(kind);
-    if (backend === undefined) {
-      throw new VfiodError("BACKEND_UNSUPPORTED", `hypervisor type ${JSON.stringify(kind)} has no backend in vfiod`, {
-        meta: { hypervisor: kind },
-      });
-    }
-    return backend;
+  lister(kind: HypervisorKind): DeviceLister {
+    return this.backends.get(kind) ?? throwNoBackend(kind);
   }
+
+  /**
+   * The backend of a type that can hot-plug, checked before anything else is
+   * touched (cocoon's resolveAttacher comes first too).
+   * @throws VfiodError BACKEND_UNSUPPORTED (UNIMPLEMENTED): with cocoon's text for a
+   *   backend that cannot hot-plug (Firecracker), naming the type for an unknown one.
+   */
+  attacher(kind: HypervisorKind, verb: "attach" | "detach"): DeviceAttacher {
+    const backend = this.backends.get(kind) ?? throwNoBackend(kind);
+    if (canAttach(backend)) return backend;
+    // cocoon's wrapping: "device attach: backend firecracker: backend does not support device attach".
+    throw new VfiodError("BACKEND_UNSUPPORTED", `device ${verb}: backend ${kind}: ${UNSUPPORTED_MESSAGE}`, {
+      meta: { hypervisor: kind },
+    });
+  }
+}
+
+function throwNoBackend(kind: HypervisorKind): never {
+  throw new VfiodError("BACKEND_UNSUPPORTED", `hypervisor type ${JSON.stringify(kind)} has no backend in vfiod`, {
+    meta: { hypervisor: kind },
+  });
 }
