@@ -21,7 +21,9 @@ export type ChFault =
   /** Never answer; like CH's single API thread, every later request waits too. */
   | { kind: "hang" }
   /** Act and answer after `ms` (a slow VFIO DMA map); later requests wait too. */
-  | { kind: "delay"; ms: number };
+  | { kind: "delay"; ms: number }
+  /** The VM moves to `state` just before this request is served (it left Running after a client's read). */
+  | { kind: "state-first"; state: ChVmState };
 
 /** One request as the double received it. */
 export interface ChRequest {
@@ -342,6 +344,7 @@ export class ChDouble {
       return;
     }
     if (fault?.kind === "delay") await sleep(fault.ms, undefined, { signal: aborted }).catch(() => undefined);
+    if (fault?.kind === "state-first") this.setState(fault.state);
     if (aborted.aborted) return;
     const bytes = encode(this.route(request));
     if (fault?.kind === "close-mid-response") {

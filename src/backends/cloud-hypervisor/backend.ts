@@ -1,16 +1,24 @@
 // Cloud Hypervisor hot-plug, after cocoon's CH backend (../shared/reference/cocoon.md
 // A.2): read vm.info, check state and conflicts, then send one request. CH itself is
-// the record of what is attached; this file stores nothing.
+// the record of what is attached; this file keeps only the removals it requested.
 import { setTimeout as sleep } from "node:timers/promises";
 import { abortedError, Code, VfiodError } from "../../errors";
 import type { VmRecord } from "../../inventory/vm";
 import { parsePciAddress, type PciAddress } from "../../pci/address";
-import type { AttachedDevice, Backend } from "../backend";
-import { PendingRemovals } from "../pending-removals";
-import { sentRequestSignal } from "../sent-request";
-import { CloudHypervisorClient, type ChDeviceConfig, type ChVmInfo } from "./client";
+import { DEFAULT_HYPERVISOR_TIMEOUT_MS } from "../../request-bound";
+import type { AttachedDevice, DeviceAttacher, DeviceLister } from "../backend";
+import { RemovalLedger } from "../removal-ledger";
+import {
+  CloudHypervisorSockets,
+  type CloudHypervisorClient,
+  type ChDeviceConfig,
+  type ChDeviceNode,
+  type ChVmInfo,
+} from "./client";
 
 export interface CloudHypervisorBackendOptions {
+  /** The owner of vfiod's connections to CH sockets (default: its own, with the default bound). */
+  sockets?: CloudHypervisorSockets;
   /** How often detach re-reads vm.info while the guest ejects (cocoon: 100 ms). */
   pollIntervalMs?: number;
 }
@@ -25,12 +33,21 @@ function addressOf(devicePath: string | null | undefined): PciAddress | undefine
   }
 }
 
+/** Bound on undoing a config-only add: a mutation of vfiod's own, sent whatever the caller does. */
+const SENT_UNDO_MS = 30_000;
+
 function devicesOf(info: ChVmInfo): readonly ChDeviceConfig[] {
   return info.config.devices ?? [];
 }
 
+/** The device_tree node of `id` (an own key: ids come from callers, "toString" included). */
+function nodeOf(info: ChVmInfo, id: string): ChDeviceNode | undefined {
+  const tree = info.device_tree ?? {};
+  return Object.hasOwn(tree, id) ? tree[id] : undefined;
+}
+
 function hasNode(info: ChVmInfo, id: string): boolean {
-  return Object.hasOwn(info.device_tree ?? {}, id);
+  return nodeOf(info, id) !== undefined;
 }
 
 /** Whether a config section other than `devices` (disks, net, fs, vsock, ...) uses `id`. */
@@ -42,6 +59,18 @@ function otherDeviceHolds(info: ChVmInfo, id: string): boolean {
   );
 }
 
+/**
+ * A device_tree node that can only be a VFIO device whose removal is pending: in
+ * no config section, one node with no parent and no children (virtio devices are
+ * two nodes, `_virtio-pci-<id>` and its child), not a built-in (`__` prefix).
+ * cloud-hypervisor.md §2.
+ */
+function isPendingVfioNode(info: ChVmInfo, id: string): boolean {
+  const node = nodeOf(info, id);
+  if (node === undefined || id.startsWith("__") || otherDeviceHolds(info, id)) return false;
+  return (node.parent ?? undefined) === undefined && (node.children ?? []).length === 0;
+}
+
 function toAttached(entry: ChDeviceConfig, info: ChVmInfo): AttachedDevice {
   const id = entry.id ?? "";
   const address = addressOf(entry.path);
@@ -49,8 +78,13 @@ function toAttached(entry: ChDeviceConfig, info: ChVmInfo): AttachedDevice {
     id,
     bdf: address?.bdf ?? "",
     path: address?.path ?? entry.path ?? "",
-    guestBdf: info.device_tree?.[id]?.pci_bdf ?? "",
+    guestBdf: nodeOf(info, id)?.pci_bdf ?? "",
   };
+}
+
+function heldDevice(id: string, bdf: string, info: ChVmInfo): AttachedDevice {
+  const address = bdf === "" ? undefined : addressOf(bdf);
+  return { id, bdf, path: address?.path ?? "", guestBdf: nodeOf(info, id)?.pci_bdf ?? "" };
 }
 
 /** Only a running VM takes hot-plug; cocoon refuses a paused one (cloud-hypervisor.md §4). */
@@ -70,19 +104,24 @@ function requireRunning(vm: VmRecord, info: ChVmInfo): void {
   });
 }
 
-export class CloudHypervisorBackend implements Backend {
+export class CloudHypervisorBackend implements DeviceLister, DeviceAttacher {
+  private readonly sockets: CloudHypervisorSockets;
   private readonly pollIntervalMs: number;
   /**
-   * Removals this vfiod requested that the guest has not finished, per API
-   * socket: id -> host BDF. CH drops the device from config.devices at once but
-   * keeps its node, and its VFIO group open, until the guest ejects; its node
-   * carries no host address, so vfiod remembers it to keep reporting the device
-   * as held (List, and the one-device-one-VM check).
+   * Removals this vfiod requested, per API socket. CH drops the device from
+   * config.devices at once but keeps its node, and its VFIO group open, until the
+   * guest ejects; its node carries no host address, so vfiod remembers it to keep
+   * reporting the device as held (List, and the one-device-one-VM check).
    */
-  private readonly pendingRemovals = new PendingRemovals();
+  private readonly removals = new RemovalLedger();
 
   constructor(options: CloudHypervisorBackendOptions = {}) {
+    this.sockets = options.sockets ?? new CloudHypervisorSockets(DEFAULT_HYPERVISOR_TIMEOUT_MS);
     this.pollIntervalMs = options.pollIntervalMs ?? 100;
+  }
+
+  private client(vm: VmRecord): CloudHypervisorClient {
+    return this.sockets.client(vm.socket, vm.name);
   }
 
   /**
@@ -92,7 +131,7 @@ export class CloudHypervisorBackend implements Backend {
    *   NO_FREE_SLOT, HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
    */
   async attach(vm: VmRecord, device: PciAddress, id: string, signal: AbortSignal): Promise<AttachedDevice> {
-    const client = new CloudHypervisorClient(vm.socket, vm.name);
+    const client = this.client(vm);
     const meta = { vm: vm.id, device: device.bdf, ...(id === "" ? {} : { id }) };
     const info = await client.vmInfo(signal);
     requireRunning(vm, info);
@@ -119,18 +158,19 @@ export class CloudHypervisorBackend implements Backend {
         "retry later or use another id";
       throw new VfiodError("ID_IN_USE", message, { meta });
     }
-    const stillHeld = [...this.pendingRemovals.of(vm.socket)].find(([pendingId, bdf]) => bdf === device.bdf && hasNode(info, pendingId));
+    const stillHeld = this.removals
+      .pendingOf(vm.socket)
+      .find(([pendingId, bdf]) => bdf === device.bdf && hasNode(info, pendingId));
     if (stillHeld !== undefined) {
       const message =
         `vm ${vm.name}: device ${device.bdf} is still held under id ${stillHeld[0]}: its removal is pending in the guest; ` +
         "retry once the guest has released it";
       throw new VfiodError("DEVICE_ALREADY_ATTACHED", message, { meta: { ...meta, id: stillHeld[0] } });
     }
-    const sent = sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.add-device`);
-    const added = await client.addDevice(id === "" ? { path: device.path } : { path: device.path, id }, sent).catch(
+    const added = await client.addDevice(id === "" ? { path: device.path } : { path: device.path, id }, signal).catch(
       (err: unknown) => {
         // Sent but no complete reply (a lost ACK): CH may well have added it (as the QEMU backend says).
-        if (!(err instanceof VfiodError) || err.reason !== "HYPERVISOR_UNAVAILABLE") throw err;
+        if (!(err instanceof VfiodError) || err.reason !== "HYPERVISOR_UNAVAILABLE" || signal.aborted) throw err;
         throw new VfiodError(err.reason, `${err.message}; the device may have been added: List to check`, {
           code: err.code,
           meta,
@@ -138,36 +178,80 @@ export class CloudHypervisorBackend implements Backend {
         });
       },
     );
-    if (added === undefined && id === "") {
-      const message = `vm ${vm.name}: cloud-hypervisor added the device to its config only and named no id`;
-      throw new VfiodError("HYPERVISOR_ERROR", message, { code: Code.INTERNAL, meta });
-    }
-    return { id: added?.id ?? id, bdf: device.bdf, path: device.path, guestBdf: added?.bdf ?? "" };
+    if (added === undefined) return this.undoConfigOnlyAdd(vm, client, device, id, meta);
+    this.removals.reused(vm.socket, added.id);
+    return { id: added.id, bdf: device.bdf, path: device.path, guestBdf: added.bdf };
   }
 
   /**
-   * Requests removal unless one is already pending, then polls vm.info until the
-   * guest has released the device, within `waitMs` and the signal.
+   * A 204 to add-device means the VM is not booted (it left Running after vfiod's
+   * read): CH only changed the config, and would plug the device at the next
+   * boot, which runtime-only attach never does. Take the entry out again.
+   * @throws VM_NOT_RUNNING, or HYPERVISOR_ERROR when the entry cannot be taken out.
+   */
+  private async undoConfigOnlyAdd(
+    vm: VmRecord,
+    client: CloudHypervisorClient,
+    device: PciAddress,
+    id: string,
+    meta: Record<string, string>,
+  ): Promise<never> {
+    const notRunning = `vm ${vm.name} is no longer running: cloud-hypervisor took the device into its config only`;
+    let entry: string | null | undefined = id;
+    try {
+      // Without an id, find the entry by its device (a 204 has no body).
+      if (id === "") {
+        const devices = devicesOf(await client.vmInfo(AbortSignal.timeout(SENT_UNDO_MS)));
+        entry = devices.find((d) => addressOf(d.path)?.bdf === device.bdf)?.id;
+      }
+      // CH names a device only when the VM boots: an entry without an id cannot be removed through the API.
+      if (entry === undefined || entry === null) throw new Error("its config entry has no id yet, and remove-device needs one");
+      await client.removeDevice(entry, AbortSignal.timeout(SENT_UNDO_MS));
+    } catch (cause) {
+      const how = entry ? `ch-remote remove-device ${entry}` : "take it out of the VM's configuration";
+      throw new VfiodError(
+        "HYPERVISOR_ERROR",
+        `${notRunning}, and vfiod could not take it out again (${(cause as Error).message}); it would be attached ` +
+          `at the next boot: ${how}`,
+        { code: Code.INTERNAL, meta, cause },
+      );
+    }
+    throw new VfiodError("VM_NOT_RUNNING", `${notRunning}; taken out again, nothing changed`, { meta });
+  }
+
+  /**
+   * Requests removal unless vfiod already did, then polls vm.info until the guest
+   * has released the device, within `waitMs` and the signal.
    * @throws DEVICE_NOT_ATTACHED, DETACH_PENDING, VM_NOT_RUNNING, VM_PAUSED,
    *   HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
    */
-  async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<void> {
-    const client = new CloudHypervisorClient(vm.socket, vm.name);
+  async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<AttachedDevice> {
+    const client = this.client(vm);
     const info = await client.vmInfo(signal);
     requireRunning(vm, info);
     const configured = devicesOf(info).find((d) => d.id === id);
-    if (configured === undefined && (!hasNode(info, id) || otherDeviceHolds(info, id))) {
-      const meta = { vm: vm.id, id };
-      throw new VfiodError("DEVICE_NOT_ATTACHED", `vm ${vm.name}: device id "${id}" not attached`, { meta });
-    }
-    const pending = this.pendingRemovals.of(vm.socket);
-    // A second remove is refused by v53.0 (PR #8559), so never repeat a pending one.
+    let bdf: string;
     if (configured !== undefined) {
-      await client.removeDevice(id, sentRequestSignal(signal, `cloud-hypervisor vm ${vm.name}: vm.remove-device`));
-      pending.set(id, addressOf(configured.path)?.bdf ?? "");
+      bdf = addressOf(configured.path)?.bdf ?? "";
+      await client.removeDevice(id, signal);
+      this.removals.requested(vm.socket, id, bdf);
+    } else if (this.removals.pending(vm.socket, id) !== undefined) {
+      // A second remove is refused by v53.0 (PR #8559): never repeat one, only wait.
+      bdf = this.removals.pending(vm.socket, id) ?? "";
+    } else if (this.removals.removed(vm.socket, id) !== undefined && !hasNode(info, id)) {
+      // The removal vfiod requested has completed: a retried Detach succeeds.
+      return heldDevice(id, this.removals.removed(vm.socket, id) ?? "", info);
+    } else if (isPendingVfioNode(info, id)) {
+      // Requested before vfiod (re)started, or by someone else: wait for it too.
+      bdf = "";
+    } else {
+      throw new VfiodError("DEVICE_NOT_ATTACHED", `vm ${vm.name}: device id "${id}" not attached`, {
+        meta: { vm: vm.id, id },
+      });
     }
-    await this.awaitEject(client, vm, id, waitMs, signal);
-    pending.delete(id);
+    await this.awaitEject(client, vm, id, bdf, waitMs, signal);
+    this.removals.completed(vm.socket, id);
+    return heldDevice(id, bdf, info);
   }
 
   /**
@@ -179,30 +263,25 @@ export class CloudHypervisorBackend implements Backend {
   async list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
     let info: ChVmInfo;
     try {
-      info = await new CloudHypervisorClient(vm.socket, vm.name).vmInfo(signal);
+      info = await this.client(vm).vmInfo(signal);
     } catch (err) {
       if (err instanceof VfiodError && err.reason === "VM_NOT_RUNNING") return [];
       throw err;
     }
     const configured = devicesOf(info).map((entry) => toAttached(entry, info));
-    const pending = this.pendingRemovals.of(vm.socket);
     const held: AttachedDevice[] = [];
-    for (const [id, bdf] of pending) {
-      if (!hasNode(info, id) || configured.some((d) => d.id === id)) {
-        pending.delete(id);
-        continue;
-      }
-      const address = bdf === "" ? undefined : addressOf(bdf);
-      held.push({ id, bdf, path: address?.path ?? "", guestBdf: info.device_tree?.[id]?.pci_bdf ?? "" });
+    for (const [id, bdf] of this.removals.pendingOf(vm.socket)) {
+      if (!hasNode(info, id)) this.removals.completed(vm.socket, id);
+      else if (!configured.some((d) => d.id === id)) held.push(heldDevice(id, bdf, info));
     }
     return [...configured, ...held];
   }
-
 
   private async awaitEject(
     client: CloudHypervisorClient,
     vm: VmRecord,
     id: string,
+    bdf: string,
     waitMs: number,
     signal: AbortSignal,
   ): Promise<void> {
@@ -214,7 +293,7 @@ export class CloudHypervisorBackend implements Backend {
         `vm ${vm.name}: the guest has not released device ${id} within ${waited} s; ` +
           "its removal stays requested (a later Detach or List tells the truth)",
         {
-          meta: { vm: vm.id, id },
+          meta: { vm: vm.id, id, ...(bdf === "" ? {} : { device: bdf }) },
           cause,
           // Cut short by the caller: keep the caller's code (CANCELLED or DEADLINE_EXCEEDED).
           code: signal.aborted ? abortedError(signal, "").code : Code.DEADLINE_EXCEEDED,
@@ -226,8 +305,9 @@ export class CloudHypervisorBackend implements Backend {
       try {
         info = await client.vmInfo(signal);
       } catch (err) {
-        if (signal.aborted) throw pending(err);
-        throw err;
+        // The removal was accepted: a failed read (a transient 503, a cut-short
+        // wait) leaves it requested, which is what the caller must hear.
+        throw pending(err);
       }
       if (!hasNode(info, id)) return;
       const remaining = waitMs - (performance.now() - started);

@@ -1,21 +1,30 @@
 // QEMU backend: hot-plugs vfio-pci devices over QMP onto free pcie-root-ports
 // (../shared/reference/qemu-qmp.md §3-§5). QEMU serves one monitor client at a
-// time (§1), so each operation is one short session, and operations on the same
-// socket wait for each other here instead of finding the monitor busy.
+// time (§1), so each operation is one short session; this backend is the one
+// owner of every monitor socket: operations on one socket queue here in arrival
+// order instead of finding the monitor busy, and concurrent Lists of one VM share
+// one session sent after they arrived.
 import { setTimeout as sleep } from "node:timers/promises";
 import { abortedError, type Reason, VfiodError } from "../../errors";
+import { FreshReads } from "../../fresh-reads";
 import type { VmRecord } from "../../inventory/vm";
-import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
-import type { AttachedDevice, Backend } from "../backend";
 import { KeyedLocks } from "../../keyed-locks";
-import { PendingRemovals } from "../pending-removals";
+import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
+import { DEFAULT_HYPERVISOR_TIMEOUT_MS, withinBound } from "../../request-bound";
+import type { AttachedDevice, DeviceAttacher, DeviceLister } from "../backend";
+import { RemovalLedger } from "../removal-ledger";
 import { sentRequestSignal } from "../sent-request";
 import { QmpClient, QmpError, type QmpEvent } from "./qmp";
 
 export interface QemuBackendOptions {
   /** How often Detach re-reads the VM while it waits for the guest (default 500 ms). */
   readonly pollIntervalMs?: number;
+  /** vfiod's bound on each QMP command, whatever the caller's deadline (--hypervisor-timeout). */
+  readonly requestTimeoutMs?: number;
 }
+
+/** A signal that never aborts: shared reads are bounded by vfiod's own limit only. */
+const NEVER = new AbortController().signal;
 
 const PERIPHERAL = "/machine/peripheral";
 const VFIO_CHILD = "child<vfio-pci>";
@@ -31,6 +40,8 @@ const DEVICE_ADD_REFUSALS: readonly (readonly [string, Reason])[] = [
 
 /** device_del while a removal is pending (qemu-qmp.md §4, native PCIe hot-plug). */
 const UNPLUG_IN_PROGRESS = "already in the process of unplug";
+/** device_del while the guest still blinks the power indicator of an earlier one (§4). */
+const GUEST_BUSY = "guest is busy";
 
 interface QomProperty {
   readonly name: string;
@@ -45,18 +56,22 @@ interface PciDeviceInfo {
   readonly pci_bridge?: { readonly bus: { readonly secondary: number }; readonly devices?: readonly PciDeviceInfo[] };
 }
 
-export class QemuBackend implements Backend {
+export class QemuBackend implements DeviceLister, DeviceAttacher {
   private readonly pollIntervalMs: number;
-  /** One QMP session per socket at a time: QEMU serves one client (qemu-qmp.md §1). */
+  private readonly requestTimeoutMs: number;
+  /** One QMP session per socket at a time, in arrival order: QEMU serves one client (qemu-qmp.md §1). */
   private readonly sessions = new KeyedLocks();
+  private readonly listReads = new FreshReads<AttachedDevice[]>();
   /**
-   * Removals QEMU accepted that the guest has not finished, per socket: id -> host
-   * BDF. A repeated device_del is not harmless (§4), so a later Detach only waits.
+   * Removals QEMU accepted, per socket. A repeated device_del is not harmless
+   * (§4), so a later Detach only waits; the id stays in /machine/peripheral
+   * until the guest acknowledges, so Attach must not take it for the device.
    */
-  private readonly pendingRemovals = new PendingRemovals();
+  private readonly removals = new RemovalLedger();
 
   constructor(options: QemuBackendOptions = {}) {
     this.pollIntervalMs = options.pollIntervalMs ?? 500;
+    this.requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_HYPERVISOR_TIMEOUT_MS;
   }
 
   async attach(vm: VmRecord, device: PciAddress, id: string, signal: AbortSignal): Promise<AttachedDevice> {
@@ -65,25 +80,26 @@ export class QemuBackend implements Backend {
       const peripherals = await monitor.peripherals();
       const attached = await monitor.vfioDevices(peripherals);
       const meta = { vm: vm.id, device: device.bdf };
+      const removing = (held: AttachedDevice) => this.removals.pending(vm.socket, held.id) === held.bdf;
       if (id !== "" && peripherals.some((p) => p.name === id)) {
         const same = attached.find((d) => d.id === id && d.bdf === device.bdf);
-        if (same !== undefined) return same;
-        throw new VfiodError("ID_IN_USE", `${monitor.label}: id ${JSON.stringify(id)} is already used by another device`, {
-          meta: { ...meta, id },
-        });
+        if (same !== undefined && !removing(same)) return same;
+        const why = same !== undefined ? "still held: its removal is pending in the guest; retry once the guest has released it" : "already used by another device";
+        throw new VfiodError("ID_IN_USE", `${monitor.label}: id ${JSON.stringify(id)} is ${why}`, { meta: { ...meta, id } });
       }
       const holder = attached.find((d) => d.bdf === device.bdf);
       if (holder !== undefined) {
+        const pending = removing(holder) ? " (its removal is pending in the guest)" : "";
         throw new VfiodError(
           "DEVICE_ALREADY_ATTACHED",
-          `${monitor.label}: ${device.bdf} is already attached as ${JSON.stringify(holder.id)}`,
+          `${monitor.label}: ${device.bdf} is already attached as ${JSON.stringify(holder.id)}${pending}`,
           { meta: { ...meta, id: holder.id } },
         );
       }
       const port = await monitor.freeRootPort(peripherals);
       const newId = id !== "" ? id : freeId(peripherals);
       await monitor.deviceAdd(device, newId, port);
-      this.pendingRemovals.of(vm.socket).delete(newId);
+      this.removals.reused(vm.socket, newId);
       // The device is in: a failed or cut-short read of its guest address must not turn that into an error.
       const guestBdf = await monitor.guestAddresses().then(
         (addresses) => addresses.get(newId) ?? "",
@@ -93,12 +109,17 @@ export class QemuBackend implements Backend {
     });
   }
 
-  async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<void> {
+  async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<AttachedDevice> {
     return this.session(vm, signal, async (monitor) => {
       await monitor.requireRunning();
-      const pending = this.pendingRemovals.of(vm.socket);
       const entry = (await monitor.peripherals()).find((p) => p.name === id);
-      if (entry === undefined && pending.delete(id)) return; // the removal asked for earlier has finished
+      const removed = (bdf: string): AttachedDevice => ({ id, bdf, ...(bdf === "" ? { path: "" } : addressOfBdf(bdf)), guestBdf: "" });
+      if (entry === undefined) {
+        // The removal vfiod requested has finished (now or earlier): a retried Detach succeeds.
+        this.removals.completed(vm.socket, id);
+        const bdf = this.removals.removed(vm.socket, id);
+        if (bdf !== undefined) return removed(bdf);
+      }
       // Only vfio-pci: vfiod must never remove a VM's NIC or disk.
       if (entry?.type !== VFIO_CHILD) {
         const what = entry === undefined ? "no device" : `a ${entry.type.slice(6, -1)}, not a vfio-pci device`;
@@ -114,34 +135,40 @@ export class QemuBackend implements Backend {
       try {
         // The same device with a removal pending: only wait again. Another device
         // under this id means that removal finished and the id was reused.
-        if (pending.get(id) !== bdf) {
-          if ((await monitor.deviceDel(id)) === "gone") {
-            pending.delete(id);
-            return;
-          }
-          pending.set(id, bdf);
+        if (this.removals.pending(vm.socket, id) !== bdf) {
+          if ((await monitor.deviceDel(id)) === "gone") return removed(bdf);
+          this.removals.requested(vm.socket, id, bdf);
         }
-        await this.awaitRemoval(monitor, id, deleted, waitMs, signal);
-        pending.delete(id);
+        await this.awaitRemoval(monitor, id, bdf, deleted, waitMs, signal);
+        this.removals.completed(vm.socket, id);
+        return removed(bdf);
       } finally {
         stop.abort();
       }
     });
   }
 
-  async list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
-    return this.session(vm, signal, async (monitor) => {
-      const peripherals = await monitor.peripherals();
-      const pending = this.pendingRemovals.of(vm.socket);
-      for (const id of pending.keys()) if (!peripherals.some((p) => p.name === id)) pending.delete(id);
-      return monitor.vfioDevices(peripherals);
-    });
+  /** Every vfio-pci device, pending removals included; concurrent callers share one session. */
+  list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
+    const what = `qemu VM ${JSON.stringify(vm.name)}: list`;
+    return this.listReads.read(vm.socket, signal, what, () =>
+      withinBound(NEVER, this.requestTimeoutMs, what, (bounded) =>
+        this.session(vm, bounded, async (monitor) => {
+          const peripherals = await monitor.peripherals();
+          for (const [id] of this.removals.pendingOf(vm.socket)) {
+            if (!peripherals.some((p) => p.name === id)) this.removals.completed(vm.socket, id);
+          }
+          return monitor.vfioDevices(peripherals);
+        }),
+      ),
+    );
   }
 
   /** Waits for the event or a fresh read showing the id gone; events sent while nobody was connected are lost (§1). */
   private async awaitRemoval(
     monitor: Monitor,
     id: string,
+    bdf: string,
     deleted: Promise<unknown>,
     waitMs: number,
     signal: AbortSignal,
@@ -167,26 +194,31 @@ export class QemuBackend implements Backend {
         "DETACH_PENDING",
         `${monitor.label}: removal of ${JSON.stringify(id)} requested; the guest has not released it after ` +
           `${((Date.now() - started) / 1000).toFixed(1)} s. It stays attached until the guest acknowledges; Detach again or List to check`,
-        { meta: { vm: monitor.vmId, id }, cause: err },
+        { meta: { vm: monitor.vmId, id, ...(bdf === "" ? {} : { device: bdf }) }, cause: err },
       );
     }
   }
-
 
   /** Runs `op` with a fresh QMP session, after the operations queued before it on the same socket. */
   private session<T>(vm: VmRecord, signal: AbortSignal, op: (monitor: Monitor) => Promise<T>): Promise<T> {
     const label = `qemu VM ${JSON.stringify(vm.name)}`;
     const gaveUp = () => abortedError(signal, `${label}: waiting for another operation on this VM`);
     return this.sessions.run(vm.socket, signal, gaveUp, async () => {
-      const client = await QmpClient.connect(vm.socket, { label, signal });
+      const client = await withinBound(signal, this.requestTimeoutMs, `${label}: QMP connect`, (bounded) =>
+        QmpClient.connect(vm.socket, { label, signal: bounded }),
+      );
       try {
-        return await op(new Monitor(client, vm.id, signal));
+        return await op(new Monitor(client, vm.id, signal, this.requestTimeoutMs));
       } finally {
         client.close();
       }
     });
   }
 
+  /** Sockets with operations queued behind the one in progress: [socket, waiting]. */
+  queues(): [string, number][] {
+    return this.sessions.queues();
+  }
 }
 
 /** The QMP reads and writes of one operation, bound to its signal. */
@@ -197,6 +229,7 @@ class Monitor {
     private readonly client: QmpClient,
     readonly vmId: string,
     private readonly signal: AbortSignal,
+    private readonly requestTimeoutMs: number,
   ) {
     this.label = client.label;
   }
@@ -290,7 +323,8 @@ class Monitor {
       return "requested";
     } catch (err) {
       if (!(err instanceof QmpError)) throw err;
-      if (err.desc.includes(UNPLUG_IN_PROGRESS)) return "requested";
+      // A removal already under way (after a vfiod restart forgot it, or asked by someone else).
+      if (err.desc.includes(UNPLUG_IN_PROGRESS) || err.desc.includes(GUEST_BUSY)) return "requested";
       if (err.qmpClass === "DeviceNotFound") return "gone";
       throw new VfiodError("HYPERVISOR_ERROR", err.message, { meta: { vm: this.vmId, id, qmpClass: err.qmpClass }, cause: err });
     }
@@ -325,7 +359,9 @@ class Monitor {
   }
 
   private run(command: string, args?: Record<string, unknown>): Promise<unknown> {
-    return this.client.execute(command, args, this.signal);
+    return withinBound(this.signal, this.requestTimeoutMs, `${this.label}: ${command}`, (bounded) =>
+      this.client.execute(command, args, bounded),
+    );
   }
 }
 

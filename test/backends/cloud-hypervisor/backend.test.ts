@@ -4,10 +4,11 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { CloudHypervisorBackend } from "../../../src/backends/cloud-hypervisor/backend";
-import { CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
+import { CloudHypervisorSockets } from "../../../src/backends/cloud-hypervisor/client";
 import { Code, VfiodError, type Reason } from "../../../src/errors";
 import type { VmRecord } from "../../../src/inventory/vm";
 import { addressOfBdf } from "../../../src/pci/address";
+import { rawVmInfo } from "../../support/load";
 import { ChDouble, type ChDoubleOptions } from "../../support/ch-double";
 import { vfiodRejection } from "../../support/rejection";
 
@@ -33,7 +34,7 @@ const signal = () => AbortSignal.timeout(5000);
 
 /** Adds a device the way another CH client might, bypassing the backend. */
 async function addRaw(devicePath: string, id: string): Promise<void> {
-  await new CloudHypervisorClient(vm.socket, vm.name).addDevice({ path: devicePath, id }, signal());
+  await new CloudHypervisorSockets(30_000).client(vm.socket, vm.name).addDevice({ path: devicePath, id }, signal());
 }
 
 /** Requests the double received for `endpoint`. */
@@ -195,17 +196,24 @@ describe("attach", () => {
     );
   });
 
-  test("a 204 names the caller's id; without one it is HYPERVISOR_ERROR", async () => {
+  test("a VM that stops running between the read and the add (CH answers 204, config only) is VM_NOT_RUNNING, config unchanged", async () => {
     const ch = await start();
-    ch.inject("vm.add-device", { kind: "respond", status: 204, body: "" });
-    expect(await backend.attach(vm, GPU, "gpu0", signal())).toEqual({
-      id: "gpu0",
-      bdf: GPU.bdf,
-      path: GPU.path,
-      guestBdf: "",
-    });
-    ch.inject("vm.add-device", { kind: "respond", status: 204, body: "" });
-    await failure(backend.attach(vm, NIC, "", signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+    ch.inject("vm.add-device", { kind: "state-first", state: "Created" });
+    const err = await failure(backend.attach(vm, GPU, "gpu0", signal()), "VM_NOT_RUNNING", Code.FAILED_PRECONDITION);
+    expect(err.message).toContain("taken out again");
+    // CH took the device into its config only (the 204); vfiod took it out again.
+    expect(sent(ch, "vm.add-device")).toHaveLength(1);
+    expect(sent(ch, "vm.remove-device").map((r) => r.body)).toEqual([{ id: "gpu0" }]);
+    const info = await rawVmInfo(vm.socket);
+    expect({ state: info.state, devices: info.config.devices ?? [] }).toEqual({ state: "Created", devices: [] });
+  });
+
+  test("without an id the config-only entry cannot be taken out (CH names it at boot): HYPERVISOR_ERROR saying so", async () => {
+    const ch = await start();
+    ch.inject("vm.add-device", { kind: "state-first", state: "Created" });
+    const err = await failure(backend.attach(vm, GPU, "", signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+    expect(err.message).toContain("attached at the next boot");
+    expect(sent(ch, "vm.remove-device")).toEqual([]);
   });
 
   test("a hanging CH and a deadline give DEADLINE_EXCEEDED quickly, with nothing sent", async () => {
