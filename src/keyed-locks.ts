@@ -1,11 +1,13 @@
-// Named in-process locks: one holder per key at a time, different keys in
-// parallel (no global lock). vfiod keys them by VM (mutations of one VM run one
-// at a time) and by host device (one device goes to one VM). A waiter whose call
-// is cancelled or whose deadline passes gives up and never takes the lock.
-import { Mutex } from "async-mutex";
+// Named in-process locks: at most `capacity` holders per key at a time (1: a
+// mutex), different keys in parallel (no global lock). vfiod keys them by VM
+// (mutations of one VM run one at a time), by host device (one device goes to
+// one VM), by QMP socket (QEMU serves one monitor client) and by Cloud Hypervisor
+// socket (a few connections each). Waiters are served in arrival order; one whose
+// call is cancelled or whose deadline passes gives up and never takes the lock.
+import { Semaphore } from "async-mutex";
 
 interface Entry {
-  readonly mutex: Mutex;
+  readonly semaphore: Semaphore;
   /** Holders plus waiters; the entry is dropped at zero so the map stays small. */
   users: number;
 }
@@ -13,14 +15,16 @@ interface Entry {
 export class KeyedLocks {
   private readonly entries = new Map<string, Entry>();
 
+  constructor(private readonly capacity = 1) {}
+
   /**
-   * Runs `fn` holding the lock of `key`.
+   * Runs `fn` holding one of the `capacity` places of `key`.
    * @throws whatever `busy()` returns when the signal aborts while waiting.
    */
   async run<T>(key: string, signal: AbortSignal, busy: () => Error, fn: () => Promise<T>): Promise<T> {
     const entry = this.enter(key);
     try {
-      const release = await acquire(entry.mutex, signal, busy);
+      const release = await acquire(entry.semaphore, signal, busy);
       try {
         return await fn();
       } finally {
@@ -37,10 +41,20 @@ export class KeyedLocks {
     return this.entries.size;
   }
 
+  /** Callers waiting for `key` beyond those holding it. */
+  waiting(key: string): number {
+    return Math.max(0, (this.entries.get(key)?.users ?? 0) - this.capacity);
+  }
+
+  /** Every key with callers waiting: [key, waiting]. */
+  queues(): [string, number][] {
+    return [...this.entries.keys()].map((key): [string, number] => [key, this.waiting(key)]).filter(([, n]) => n > 0);
+  }
+
   private enter(key: string): Entry {
     let entry = this.entries.get(key);
     if (entry === undefined) {
-      entry = { mutex: new Mutex(), users: 0 };
+      entry = { semaphore: new Semaphore(this.capacity), users: 0 };
       this.entries.set(key, entry);
     }
     entry.users += 1;
@@ -48,14 +62,14 @@ export class KeyedLocks {
   }
 }
 
-function acquire(mutex: Mutex, signal: AbortSignal, busy: () => Error): Promise<() => void> {
+function acquire(semaphore: Semaphore, signal: AbortSignal, busy: () => Error): Promise<() => void> {
   if (signal.aborted) return Promise.reject(busy());
   return new Promise((resolve, reject) => {
     const onAbort = () => reject(busy());
     signal.addEventListener("abort", onAbort, { once: true });
-    void mutex.acquire().then((release) => {
+    void semaphore.acquire().then(([, release]) => {
       signal.removeEventListener("abort", onAbort);
-      // Gave up while waiting: hand the lock straight on.
+      // Gave up while waiting: hand the place straight on.
       if (signal.aborted) release();
       else resolve(release);
     });

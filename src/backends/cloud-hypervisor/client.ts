@@ -1,11 +1,22 @@
 // One method per Cloud Hypervisor endpoint vfiod uses (kata's clhClient shape),
-// over the VM's API Unix socket. Facts: ../shared/reference/cloud-hypervisor.md.
+// over the VM's API Unix socket, and the one owner of every connection vfiod opens
+// to such a socket. Facts: ../shared/reference/cloud-hypervisor.md.
 //
-// Each call opens its own connection and closes it before returning: CH serves at
-// most 10 connections and a lingering keep-alive one would hold a slot.
-import { Client, errors } from "undici";
+// CH serves at most 10 connections per socket (the 11th gets a raw 503) and answers
+// one request at a time on one thread (§1). So vfiod uses at most
+// CONNECTIONS_PER_SOCKET of them, queues the rest in arrival order within each
+// caller's deadline, lets concurrent vm.info reads share one request sent after
+// they arrived, closes idle connections at once so they hold no slot, and retries a
+// read that met the 503 (someone else holds the slots) with backoff; never an
+// add-device or remove-device.
+import { setTimeout as sleep } from "node:timers/promises";
+import { Pool, errors } from "undici";
 import { abortedError, Code, VfiodError, type Reason } from "../../errors";
+import { FreshReads } from "../../fresh-reads";
 import { isJsonObject } from "../../json";
+import { KeyedLocks } from "../../keyed-locks";
+import { withinBound } from "../../request-bound";
+import { SENT_REQUEST_LIMIT_MS } from "../sent-request";
 
 /** A `config.devices[]` entry; unset optional fields are null up to v52 and absent after. */
 export interface ChDeviceConfig {
@@ -123,43 +134,170 @@ interface Reply {
   readonly body: string;
 }
 
+/**
+ * Connections vfiod opens to one CH API socket. CH answers one request at a time,
+ * so more would add no throughput; two let a read go out beside a slow request's
+ * connection, and leave 8 of CH's 10 to cocoon's CLI, ch-remote and operators.
+ */
+export const CONNECTIONS_PER_SOCKET = 2;
+/** A connection idle this long is closed: an open one holds one of CH's 10 slots. */
+const IDLE_CONNECTION_MS = 500;
+/** A socket's pool unused this long is dropped (its VM may be gone). */
+const IDLE_POOL_MS = 60_000;
+/** Backoff between retries of a read CH refused with 503 (too many connections). */
+const RETRY_FIRST_MS = 20;
+const RETRY_MAX_MS = 500;
+
+/** A signal that never aborts: shared reads are bounded by vfiod's own limit only. */
+const NEVER = new AbortController().signal;
+
+interface SocketState {
+  readonly pool: Pool;
+  lastUsed: number;
+}
+
+/**
+ * The one owner of vfiod's connections to Cloud Hypervisor API sockets: a
+ * connection limit and an arrival-order queue per socket, shared fresh vm.info
+ * reads, and vfiod's bound on every request (--hypervisor-timeout).
+ */
+export class CloudHypervisorSockets {
+  private readonly slots = new KeyedLocks(CONNECTIONS_PER_SOCKET);
+  private readonly infoReads = new FreshReads<ChVmInfo>();
+  private readonly sockets = new Map<string, SocketState>();
+  private readonly sweeper: NodeJS.Timeout;
+
+  /** @param requestTimeoutMs vfiod's bound on each read, whatever the caller's deadline. */
+  constructor(readonly requestTimeoutMs: number) {
+    this.sweeper = setInterval(() => this.dropIdlePools(), IDLE_POOL_MS).unref();
+  }
+
+  /** The client for one VM's API socket (cheap: connections are kept here). */
+  client(socketPath: string, vmName: string): CloudHypervisorClient {
+    return new CloudHypervisorClient(this, socketPath, vmName);
+  }
+
+  /** Callers queued per socket now, beyond those with a connection. */
+  queues(): [string, number][] {
+    return this.slots.queues();
+  }
+
+  /** Closes every connection (at shutdown). */
+  async close(): Promise<void> {
+    clearInterval(this.sweeper);
+    const pools = [...this.sockets.values()].map((state) => state.pool);
+    this.sockets.clear();
+    await Promise.all(pools.map((pool) => pool.destroy()));
+  }
+
+  /**
+   * One vm.info read shared by every caller that arrived before it was sent. It
+   * runs on vfiod's bound alone: a caller that gives up leaves it to the others.
+   */
+  sharedInfo(socketPath: string, signal: AbortSignal, what: string, read: (unbounded: AbortSignal) => Promise<ChVmInfo>): Promise<ChVmInfo> {
+    return this.infoReads.read(socketPath, signal, what, () => read(NEVER));
+  }
+
+  /**
+   * Sends one request once a connection of the socket is free, in arrival order.
+   * A caller whose signal aborts while queued sends nothing; once sent, the reply
+   * is awaited within `sentSignal()` (the caller's, or a mutation's own bound).
+   */
+  async send(
+    socketPath: string,
+    what: string,
+    queueSignal: AbortSignal,
+    sentSignal: () => AbortSignal,
+    request: { method: "GET" | "PUT"; path: string; body?: string },
+  ): Promise<Reply> {
+    const gaveUp = () => abortedError(queueSignal, what);
+    return this.slots.run(socketPath, queueSignal, gaveUp, async () => {
+      const signal = sentSignal();
+      const state = this.pool(socketPath);
+      try {
+        // A string body goes out with Content-Length; CH does not decode chunked bodies.
+        const payload = request.body === undefined ? {} : { body: request.body, headers: { "content-type": "application/json" } };
+        const response = await state.pool.request({ path: request.path, method: request.method, signal, ...payload });
+        return { status: response.statusCode, body: await response.body.text() };
+      } finally {
+        state.lastUsed = Date.now();
+      }
+    });
+  }
+
+  private pool(socketPath: string): SocketState {
+    let state = this.sockets.get(socketPath);
+    if (state === undefined) {
+      const pool = new Pool("http://localhost", {
+        socketPath,
+        connections: CONNECTIONS_PER_SOCKET,
+        pipelining: 1,
+        keepAliveTimeout: IDLE_CONNECTION_MS,
+        keepAliveMaxTimeout: IDLE_CONNECTION_MS,
+        // vfiod's own bounds apply instead: a first VFIO add maps all guest RAM
+        // and can outlast undici's 300 s defaults (cloud-hypervisor.md §1).
+        headersTimeout: 0,
+        bodyTimeout: 0,
+      });
+      state = { pool, lastUsed: Date.now() };
+      this.sockets.set(socketPath, state);
+    }
+    return state;
+  }
+
+  private dropIdlePools(): void {
+    const now = Date.now();
+    for (const [socketPath, state] of this.sockets) {
+      if (now - state.lastUsed < IDLE_POOL_MS || this.slots.waiting(socketPath) > 0) continue;
+      this.sockets.delete(socketPath);
+      void state.pool.close().catch(() => undefined);
+    }
+  }
+}
+
 export class CloudHypervisorClient {
   /**
    * @param socketPath the VM's `--api-socket` path; never put into messages.
    * @param vmName names the VM in every message.
    */
   constructor(
+    private readonly sockets: CloudHypervisorSockets,
     private readonly socketPath: string,
     private readonly vmName: string,
   ) {}
 
-  /** GET /vmm.ping: the VMM's version; answers whether or not a VM exists. */
+  /** GET /vmm.ping: the VMM's version and pid; answers whether or not a VM exists. */
   async ping(signal: AbortSignal): Promise<ChVmmPing> {
-    const reply = await this.call("GET", "vmm.ping", undefined, signal);
+    const reply = await this.read("vmm.ping", signal);
     const body = this.parseJson("vmm.ping", reply);
     if (!isJsonObject(body) || typeof body.version !== "string") throw this.unparseable("vmm.ping", reply);
     return body as unknown as ChVmmPing;
   }
 
   /**
-   * GET /vm.info: state, config and device_tree.
+   * GET /vm.info: state, config and device_tree, read after this call began;
+   * concurrent callers share the read.
    * @throws VM_NOT_RUNNING when no VM is created (404 v53+, 500 ≤v52).
    */
-  async vmInfo(signal: AbortSignal): Promise<ChVmInfo> {
-    const reply = await this.call("GET", "vm.info", undefined, signal);
-    const body = this.parseJson("vm.info", reply);
-    if (!isVmInfo(body)) throw this.unparseable("vm.info", reply);
-    return body;
+  vmInfo(signal: AbortSignal): Promise<ChVmInfo> {
+    const what = this.what("vm.info");
+    return this.sockets.sharedInfo(this.socketPath, signal, what, async (unbounded) => {
+      const reply = await this.read("vm.info", unbounded);
+      const body = this.parseJson("vm.info", reply);
+      if (!isVmInfo(body)) throw this.unparseable("vm.info", reply);
+      return body;
+    });
   }
 
   /**
-   * PUT /vm.add-device. Not idempotent: never retry it (a retry after a lost
-   * reply fails as a duplicate id or path).
+   * PUT /vm.add-device. Not idempotent: never retried (a retry after a lost
+   * reply fails as a duplicate id or path). Nothing is sent once `signal` has
+   * aborted; once sent, the reply is awaited whatever the caller does.
    * @returns CH's id and guest BDF (200), or undefined when only the config
    *   changed because the VM is not booted (204).
    */
   async addDevice(device: ChAddDevice, signal: AbortSignal): Promise<ChPciDeviceInfo | undefined> {
-    const reply = await this.call("PUT", "vm.add-device", JSON.stringify(device), signal);
+    const reply = await this.mutate("vm.add-device", JSON.stringify(device), signal);
     if (reply.status === 204) return undefined;
     const body = this.parseJson("vm.add-device", reply);
     if (!isJsonObject(body) || typeof body.id !== "string" || typeof body.bdf !== "string") {
@@ -169,36 +307,58 @@ export class CloudHypervisorClient {
   }
 
   /**
-   * PUT /vm.remove-device. A 204 only means "requested": the node stays in
-   * device_tree until the guest ejects (CH #8763).
+   * PUT /vm.remove-device, sent as addDevice is. A 204 only means "requested":
+   * the node stays in device_tree until the guest ejects (CH #8763).
    */
   async removeDevice(id: string, signal: AbortSignal): Promise<void> {
-    await this.call("PUT", "vm.remove-device", JSON.stringify({ id }), signal);
+    await this.mutate("vm.remove-device", JSON.stringify({ id }), signal);
   }
 
-  /** One request on its own connection; a 2xx reply, or the VfiodError for anything else. */
+  private what(endpoint: string): string {
+    return `cloud-hypervisor vm ${this.vmName}: ${endpoint}`;
+  }
+
+  /** A GET within vfiod's bound, retried with backoff while CH answers 503 (its slots are taken). */
+  private read(endpoint: string, signal: AbortSignal): Promise<Reply> {
+    const what = this.what(endpoint);
+    return withinBound(signal, this.sockets.requestTimeoutMs, what, async (bounded) => {
+      for (let delay = RETRY_FIRST_MS; ; delay = Math.min(delay * 2, RETRY_MAX_MS)) {
+        try {
+          return await this.call("GET", endpoint, undefined, bounded, () => bounded);
+        } catch (err) {
+          if (!(err instanceof TooManyConnections)) throw err;
+          try {
+            await sleep(delay, undefined, { signal: bounded });
+          } catch {
+            throw err;
+          }
+        }
+      }
+    });
+  }
+
+  private mutate(endpoint: string, body: string, signal: AbortSignal): Promise<Reply> {
+    return this.call("PUT", endpoint, body, signal, () => AbortSignal.timeout(SENT_REQUEST_LIMIT_MS));
+  }
+
+  /** One request; a 2xx reply, or the VfiodError for anything else. */
   private async call(
     method: "GET" | "PUT",
     endpoint: string,
     body: string | undefined,
-    signal: AbortSignal,
+    queueSignal: AbortSignal,
+    sentSignal: () => AbortSignal,
   ): Promise<Reply> {
-    const what = `cloud-hypervisor vm ${this.vmName}: ${endpoint}`;
-    if (signal.aborted) throw abortedError(signal, what);
-    // The caller's signal is the only bound: a first VFIO add maps all guest RAM
-    // and can outlast undici's 300 s defaults (cloud-hypervisor.md §1).
-    const client = new Client("http://localhost", { socketPath: this.socketPath, headersTimeout: 0, bodyTimeout: 0 });
+    const what = this.what(endpoint);
+    let sent: AbortSignal | undefined;
     let reply: Reply;
     try {
-      // A string body goes out with Content-Length; CH does not decode chunked bodies.
-      const payload = body === undefined ? {} : { body, headers: { "content-type": "application/json" } };
-      const response = await client.request({ path: `/api/v1/${endpoint}`, method, signal, ...payload });
-      reply = { status: response.statusCode, body: await response.body.text() };
+      const request = { method, path: `/api/v1/${endpoint}`, ...(body === undefined ? {} : { body }) };
+      reply = await this.sockets.send(this.socketPath, what, queueSignal, () => (sent = sentSignal()), request);
     } catch (err) {
-      if (signal.aborted) throw abortedError(signal, what);
+      if (err instanceof VfiodError) throw err;
+      if (sent?.aborted) throw abortedError(sent, what);
       throw this.transportError(what, err);
-    } finally {
-      await client.destroy();
     }
     if (reply.status >= 200 && reply.status < 300) return reply;
     throw this.refusal(what, reply);
@@ -218,9 +378,7 @@ export class CloudHypervisorClient {
   private refusal(what: string, reply: Reply): VfiodError {
     const cause = new Error(`HTTP ${reply.status}: ${reply.body}`);
     // Only micro_http itself answers 503: more than 10 connections are open.
-    if (reply.status === 503) {
-      return new VfiodError("HYPERVISOR_UNAVAILABLE", `${what}: too many open api connections`, { cause });
-    }
+    if (reply.status === 503) return new TooManyConnections(what, cause);
     const text = errorText(reply.body);
     const message = `${what}: ${shorten(text ?? reply.body.trim())}`;
     const recognised = text === undefined ? undefined : RECOGNISED.find(([needle]) => text.includes(needle));
@@ -243,5 +401,12 @@ export class CloudHypervisorClient {
       `cloud-hypervisor vm ${this.vmName}: ${endpoint}: unparseable reply: ${shorten(reply.body)}`,
       { code: Code.INTERNAL, cause: new Error(`HTTP ${reply.status}: ${reply.body}`) },
     );
+  }
+}
+
+/** CH's 503 past 10 open connections: other API clients hold every slot. */
+class TooManyConnections extends VfiodError {
+  constructor(what: string, cause: Error) {
+    super("HYPERVISOR_UNAVAILABLE", `${what}: too many open api connections (other clients hold all of them)`, { cause });
   }
 }

@@ -5,10 +5,11 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
+import { CloudHypervisorSockets, type CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
 import { Code, VfiodError, type Reason } from "../../../src/errors";
 import { ChDouble, type ChProfile } from "../../support/ch-double";
 import { vfiodRejection } from "../../support/rejection";
+import { waitFor } from "../../support/wait";
 
 const GPU = "/sys/bus/pci/devices/0000:01:00.0";
 const VM = "web1";
@@ -16,10 +17,12 @@ const VM = "web1";
 let dir: string;
 let socketPath: string;
 let double: ChDouble | undefined;
+let sockets: CloudHypervisorSockets;
+const newClient = (): CloudHypervisorClient => sockets.client(socketPath, VM);
 
 async function start(profile: ChProfile = "main"): Promise<{ ch: ChDouble; client: CloudHypervisorClient }> {
   double = await ChDouble.start(socketPath, { profile });
-  return { ch: double, client: new CloudHypervisorClient(socketPath, VM) };
+  return { ch: double, client: newClient() };
 }
 
 const signal = () => AbortSignal.timeout(5000);
@@ -43,18 +46,20 @@ async function vmInfoFromRawServer(
   const server = net.createServer((socket) => socket.once("data", () => onRequest(socket)));
   await new Promise<void>((resolve) => server.listen(socketPath, resolve));
   try {
-    return await failure(new CloudHypervisorClient(socketPath, VM).vmInfo(signal()), reason, code);
+    return await failure(newClient().vmInfo(signal()), reason, code);
   } finally {
     await new Promise((resolve) => server.close(resolve));
   }
 }
 
 beforeEach(() => {
+  sockets = new CloudHypervisorSockets(30_000);
   dir = fs.mkdtempSync(path.join(os.tmpdir(), "vfiod-"));
   socketPath = path.join(dir, "api.sock");
 });
 
 afterEach(async () => {
+  await sockets.close();
   await double?.close();
   double = undefined;
   fs.rmSync(dir, { recursive: true, force: true });
@@ -116,7 +121,7 @@ describe("endpoints", () => {
 
 describe("transport failures", () => {
   test("a missing socket is HYPERVISOR_UNAVAILABLE", async () => {
-    const client = new CloudHypervisorClient(socketPath, VM);
+    const client = newClient();
     const error = await failure(client.vmInfo(signal()), "HYPERVISOR_UNAVAILABLE", Code.UNAVAILABLE);
     expect(error.message).toContain("api socket does not exist");
   });
@@ -130,7 +135,7 @@ describe("transport failures", () => {
     await new Promise((resolve) => child.once("exit", resolve));
     expect(fs.existsSync(socketPath)).toBe(true);
     const error = await failure(
-      new CloudHypervisorClient(socketPath, VM).vmInfo(signal()),
+      newClient().vmInfo(signal()),
       "HYPERVISOR_UNAVAILABLE",
       Code.UNAVAILABLE,
     );
@@ -179,12 +184,36 @@ describe("the signal", () => {
     expect(Date.now() - started).toBeLessThan(1000);
   });
 
-  test("a cancelled call is CANCELLED", async () => {
+  test("a cancelled read is CANCELLED", async () => {
     const { ch, client } = await start();
-    ch.inject("vm.add-device", { kind: "hang" });
+    ch.inject("vm.info", { kind: "hang" });
     const controller = new AbortController();
     setTimeout(() => controller.abort(), 50);
+    await failure(client.vmInfo(controller.signal), "HYPERVISOR_UNAVAILABLE", Code.CANCELLED);
+  });
+
+  test("a sent add-device is awaited to its outcome even when the caller cancels", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    ch.inject("vm.add-device", { kind: "delay", ms: 300 });
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(), 50);
+    expect(await client.addDevice({ path: GPU, id: "gpu0" }, controller.signal)).toMatchObject({ id: "gpu0" });
+    expect(controller.signal.aborted).toBe(true);
+  });
+
+  test("an add-device still queued behind busy connections when the caller cancels is never sent", async () => {
+    const { ch, client } = await start();
+    ch.setState("Running");
+    // CH answers one request at a time: a hung ping keeps both of vfiod's connections to the socket busy.
+    ch.inject("vmm.ping", { kind: "hang" });
+    const reads = [client.ping(AbortSignal.timeout(2000)), client.ping(AbortSignal.timeout(2000))];
+    await waitFor(() => ch.requests.length === 2, "both pings sent");
+    const controller = new AbortController();
+    setTimeout(() => controller.abort(), 100);
     await failure(client.addDevice({ path: GPU }, controller.signal), "HYPERVISOR_UNAVAILABLE", Code.CANCELLED);
+    await Promise.allSettled(reads);
+    expect(ch.requests.filter((r) => r.endpoint === "vm.add-device")).toEqual([]);
   });
 
   test("an already aborted signal sends nothing", async () => {
