@@ -6,6 +6,7 @@
 // the type cocoon writes, or the file is refused as something vfiod misreads.
 import fsp from "node:fs/promises";
 import path from "node:path";
+import { commandLineNamesSocket } from "./command-line";
 import type { VmRecord } from "./vm";
 import { isJsonObject, type JsonObject } from "../json";
 
@@ -20,10 +21,23 @@ export interface CocoonBackend {
   readonly binary: string;
 }
 
-export const COCOON_BACKENDS: readonly CocoonBackend[] = [
-  { dir: "cloudhypervisor", hypervisor: "cloud-hypervisor", pidFile: "ch.pid", binary: "cloud-hypervisor" },
-  { dir: "firecracker", hypervisor: "firecracker", pidFile: "fc.pid", binary: "firecracker" },
-];
+/** cocoon's `ch_binary` and `fc_binary` settings (cocoon.md A.5). */
+export interface CocoonBinaries {
+  readonly cloudHypervisor: string;
+  readonly firecracker: string;
+}
+
+export const DEFAULT_COCOON_BINARIES: CocoonBinaries = { cloudHypervisor: "cloud-hypervisor", firecracker: "firecracker" };
+
+/** cocoon's backends, with the hypervisor binary names a cocoon installation is configured with. */
+export function cocoonBackends(binaries: CocoonBinaries = DEFAULT_COCOON_BINARIES): readonly CocoonBackend[] {
+  return [
+    { dir: "cloudhypervisor", hypervisor: "cloud-hypervisor", pidFile: "ch.pid", binary: binaries.cloudHypervisor },
+    { dir: "firecracker", hypervisor: "firecracker", pidFile: "fc.pid", binary: binaries.firecracker },
+  ];
+}
+
+export const COCOON_BACKENDS: readonly CocoonBackend[] = cocoonBackends();
 
 export function cocoonIndexPath(root: string, backend: CocoonBackend): string {
   return path.join(root, backend.dir, "db", "vms.json");
@@ -109,17 +123,6 @@ function exeBasename(link: string): string {
   return path.basename(link.replace(/ \(deleted\)$/, ""));
 }
 
-// The socket must be a whole argument or a whole value in it ("--api-socket=X",
-// CH's "path=X,..."), so /run/a/api.sock does not match /var/run/a/api.sock.
-function argNamesSocket(arg: string, socket: string): boolean {
-  for (let at = arg.indexOf(socket); at !== -1; at = arg.indexOf(socket, at + 1)) {
-    const before = arg[at - 1];
-    const after = arg[at + socket.length];
-    if ((before === undefined || before === "=") && (after === undefined || after === ",")) return true;
-  }
-  return false;
-}
-
 // Reading /proc races the process exiting: ENOENT then just means "gone".
 async function readProc(pid: number, read: () => Promise<string>): Promise<{ text: string } | { why: string }> {
   try {
@@ -147,7 +150,7 @@ async function whyNotRunning(vm: CocoonVm, procRoot: string): Promise<string | u
   if (exeBasename(exe.text) !== vm.binary) return `process ${pid} is not ${vm.binary}`;
   const cmdline = await readProc(pid, () => fsp.readFile(path.join(proc, "cmdline"), "utf8"));
   if ("why" in cmdline) return cmdline.why;
-  if (!cmdline.text.split("\0").some((arg) => argNamesSocket(arg, vm.record.socket))) {
+  if (!commandLineNamesSocket(cmdline.text.split("\0"), vm.record.socket)) {
     return `process ${pid} is not serving ${vm.record.socket}`;
   }
   return undefined;

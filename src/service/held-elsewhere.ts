@@ -1,0 +1,107 @@
+// "Is this host device held by anything other than the VM it is for?" answered
+// without asking every VM: first the kernel (which process has the device's VFIO
+// group or cdev open, mapped to a VM by the socket its command line names), then
+// what vfiod knows each VM holds (a device configured but not opened yet). The
+// cost does not grow with the number of VMs: no hypervisor is asked.
+import { VfiodError } from "../errors";
+import type { HolderProcess, VfioHolders } from "../host/vfio-holders";
+import { commandLineNamesSocket } from "../inventory/command-line";
+import type { VmRecord } from "../inventory/vm";
+import type { PciAddress } from "../pci/address";
+import type { DeviceView } from "../view/device-view";
+
+/** Who holds a device, as far as vfiod can tell. */
+export interface Holder {
+  /** The VM, when the holder is one vfiod can see. */
+  readonly vm?: VmRecord;
+  /** The holding process, when the kernel says (0 when only vfiod's knowledge does). */
+  readonly pid: number;
+  readonly command: string;
+  /** The device id in that VM, when vfiod knows it. */
+  readonly id?: string;
+  /** When vfiod last learnt it, for knowledge rather than the kernel's word (ms since epoch). */
+  readonly knownAt?: number;
+}
+
+export interface HeldElsewhereDeps {
+  /** The kernel's view; undefined or unable to read other processes: vfiod's knowledge only. */
+  readonly kernel: VfioHolders | undefined;
+  readonly view: DeviceView;
+  /** Every VM record vfiod can see, without liveness checks (cheap). */
+  readonly records: () => Promise<readonly VmRecord[]>;
+}
+
+const MAX_COMMAND = 120;
+
+export class HeldElsewhere {
+  constructor(private readonly deps: HeldElsewhereDeps) {}
+
+  /**
+   * Refuses a device held by another VM or by a process that is no VM vfiod knows.
+   * Call it holding the device's lock, so two attaches of one device have one winner.
+   * @throws DEVICE_IN_USE (FAILED_PRECONDITION) naming the VM, or the process (pid and command).
+   */
+  async refuse(target: VmRecord, device: PciAddress, signal: AbortSignal): Promise<void> {
+    const holder = (await this.kernelHolders(device, signal)).find((h) => h.vm === undefined || !sameVm(h.vm, target));
+    if (holder !== undefined) throw inUse(device, holder);
+    const [known] = this.deps.view.holdersOf(device.bdf, target);
+    if (known !== undefined) {
+      throw inUse(device, { vm: known.known.vm, pid: 0, command: "", id: known.device.id, knownAt: known.known.knownAt });
+    }
+  }
+
+  /** The processes holding the device's VFIO nodes now, each with its VM when it is one. */
+  async kernelHolders(device: PciAddress, signal: AbortSignal): Promise<Holder[]> {
+    const kernel = this.deps.kernel;
+    if (kernel === undefined || !kernel.canSeeOthers()) return [];
+    const { nodes } = await kernel.nodesOf(device);
+    const processes = await kernel.holders(nodes, signal);
+    if (processes.length === 0) return [];
+    const records = await this.deps.records();
+    return processes.map((process) => this.identify(process, records));
+  }
+
+  /** The VM whose control socket the process's command line names, if any. */
+  identify(process: HolderProcess, records: readonly VmRecord[]): Holder {
+    const vm = records.find((record) => commandLineNamesSocket(process.args, record.socket));
+    return { pid: process.pid, command: commandOf(process), ...(vm === undefined ? {} : { vm }) };
+  }
+}
+
+function sameVm(a: VmRecord, b: VmRecord): boolean {
+  return a.source === b.source && a.id === b.id;
+}
+
+function commandOf(process: HolderProcess): string {
+  const line = process.args.length > 0 ? process.args.join(" ") : process.command;
+  return line.length > MAX_COMMAND ? `${line.slice(0, MAX_COMMAND)}...` : line;
+}
+
+function inUse(device: PciAddress, holder: Holder): VfiodError {
+  const meta: Record<string, string> = { device: device.bdf };
+  if (holder.pid !== 0) meta.pid = String(holder.pid);
+  if (holder.id !== undefined) meta.id = holder.id;
+  if (holder.vm !== undefined) {
+    meta.vm = holder.vm.id;
+    const how =
+      holder.pid !== 0
+        ? `its hypervisor (pid ${holder.pid}) holds the device's VFIO group open`
+        : `device id ${holder.id ?? "?"}, as vfiod last read the VM ${ago(holder.knownAt ?? 0)}`;
+    return new VfiodError(
+      "DEVICE_IN_USE",
+      `host PCI device ${device.bdf} is attached to VM ${holder.vm.name} (${how}); detach it there first`,
+      { meta },
+    );
+  }
+  return new VfiodError(
+    "DEVICE_IN_USE",
+    `host PCI device ${device.bdf} is held open by process ${holder.pid} (${holder.command}), which is no VM vfiod knows; ` +
+      "stop it or let it release the device first",
+    { meta: { ...meta, command: holder.command } },
+  );
+}
+
+function ago(at: number): string {
+  const seconds = Math.max(0, Math.round((Date.now() - at) / 1000));
+  return seconds === 0 ? "just now" : `${seconds} s ago`;
+}

@@ -1,0 +1,134 @@
+// What vfiod knows each VM holds, without asking it now (client-go's informer,
+// ../shared/style.md item 13): the last answer each VM's hypervisor gave (a List,
+// a background refresh) and vfiod's own attaches and detaches since. It answers
+// "which other VM holds this device?" in O(1), whatever the number of VMs, and
+// covers what the kernel cannot see: a device configured in a VM that has not
+// opened it yet (a created, not booted, Cloud Hypervisor VM).
+//
+// Each VM's knowledge has its own age: a VM that stops answering makes only its
+// own entry stale, and keeps its last answer (a device it held may still be held).
+import type { AttachedDevice } from "../backends/backend";
+import type { VmRecord } from "../inventory/vm";
+
+/** One VM as vfiod last knew it. */
+export interface KnownVm {
+  readonly vm: VmRecord;
+  readonly devices: readonly AttachedDevice[];
+  /** When a hypervisor answer or vfiod's own mutation last set `devices` (ms since epoch). */
+  readonly knownAt: number;
+  /** Why the last read failed, when it did (the devices are then older than that read). */
+  readonly unreachable?: string;
+}
+
+/** A change vfiod learnt of: from its own mutation, or by comparing two answers of the VM. */
+export interface DeviceChange {
+  readonly kind: "attached" | "detached";
+  readonly vm: VmRecord;
+  readonly device: AttachedDevice;
+  /** "vfiod": its own Attach or Detach; "observed": found in the VM's answer (someone else, or a pending removal that completed). */
+  readonly cause: "vfiod" | "observed";
+}
+
+export type ChangeListener = (change: DeviceChange) => void;
+
+/** The key of a VM across sources: the same id may come from the static file and cocoon. */
+export function vmKey(vm: VmRecord): string {
+  return `${vm.source}/${vm.id}`;
+}
+
+const sameDevice = (a: AttachedDevice, b: AttachedDevice) => a.id === b.id && a.bdf === b.bdf;
+
+export class DeviceView {
+  private readonly vms = new Map<string, KnownVm>();
+  /** Host BDF -> keys of the VMs known to hold it. */
+  private readonly byBdf = new Map<string, Set<string>>();
+  private readonly listeners = new Set<ChangeListener>();
+
+  /** A fresh answer from the VM's hypervisor: what it holds now. */
+  observed(vm: VmRecord, devices: readonly AttachedDevice[], at = Date.now()): void {
+    const before = this.vms.get(vmKey(vm))?.devices ?? [];
+    this.set({ vm, devices, knownAt: at });
+    for (const gone of before.filter((d) => !devices.some((now) => sameDevice(d, now)))) {
+      this.emit({ kind: "detached", vm, device: gone, cause: "observed" });
+    }
+    for (const added of devices.filter((d) => !before.some((was) => sameDevice(d, was)))) {
+      this.emit({ kind: "attached", vm, device: added, cause: "observed" });
+    }
+  }
+
+  /** The VM did not answer: keep what it held, say since when vfiod does not know better. */
+  unreachable(vm: VmRecord, why: string): void {
+    const known = this.vms.get(vmKey(vm));
+    this.set({ vm, devices: known?.devices ?? [], knownAt: known?.knownAt ?? 0, unreachable: why });
+  }
+
+  /** vfiod attached `device` to `vm`. */
+  attached(vm: VmRecord, device: AttachedDevice): void {
+    const known = this.vms.get(vmKey(vm));
+    const others = (known?.devices ?? []).filter((d) => d.id !== device.id);
+    this.set({ vm, devices: [...others, device], knownAt: Date.now() });
+    this.emit({ kind: "attached", vm, device, cause: "vfiod" });
+  }
+
+  /** The guest released device `id` of `vm` after vfiod's Detach. */
+  detached(vm: VmRecord, device: AttachedDevice): void {
+    const known = this.vms.get(vmKey(vm));
+    const held = known?.devices.find((d) => d.id === device.id);
+    this.set({ vm, devices: (known?.devices ?? []).filter((d) => d.id !== device.id), knownAt: Date.now() });
+    this.emit({ kind: "detached", vm, device: held ?? device, cause: "vfiod" });
+  }
+
+  /** The VMs other than `except` that vfiod knows to hold host device `bdf`. */
+  holdersOf(bdf: string, except: VmRecord): { known: KnownVm; device: AttachedDevice }[] {
+    const keys = [...(this.byBdf.get(bdf) ?? [])].filter((key) => key !== vmKey(except));
+    return keys.flatMap((key) => {
+      const known = this.vms.get(key);
+      const device = known?.devices.find((d) => d.bdf === bdf);
+      return known === undefined || device === undefined ? [] : [{ known, device }];
+    });
+  }
+
+  get(vm: VmRecord): KnownVm | undefined {
+    return this.vms.get(vmKey(vm));
+  }
+
+  all(): KnownVm[] {
+    return [...this.vms.values()];
+  }
+
+  /** Forgets VMs no longer in any inventory source. */
+  retain(vms: readonly VmRecord[]): void {
+    const keep = new Set(vms.map(vmKey));
+    for (const [key, known] of this.vms) if (!keep.has(key)) this.set({ ...known, devices: [] }, true);
+  }
+
+  /** Calls `listener` for every change from now on; returns the unsubscribe function. */
+  subscribe(listener: ChangeListener): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  private set(known: KnownVm, forget = false): void {
+    const key = vmKey(known.vm);
+    for (const device of this.vms.get(key)?.devices ?? []) {
+      const holders = this.byBdf.get(device.bdf);
+      holders?.delete(key);
+      if (holders?.size === 0) this.byBdf.delete(device.bdf);
+    }
+    if (forget) {
+      this.vms.delete(key);
+      return;
+    }
+    this.vms.set(key, known);
+    for (const device of known.devices) {
+      if (device.bdf === "") continue;
+      let holders = this.byBdf.get(device.bdf);
+      if (holders === undefined) this.byBdf.set(device.bdf, (holders = new Set()));
+      holders.add(key);
+    }
+  }
+
+  private emit(change: DeviceChange): void {
+    for (const listener of [...this.listeners]) listener(change);
+  }
+}
