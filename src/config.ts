@@ -3,18 +3,24 @@
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
 import net from "node:net";
 import { DeviceAllowList } from "./host/device-allow-list";
+import { DEFAULT_COCOON_BINARIES, type CocoonBinaries } from "./inventory/cocoon";
+import { DEFAULT_HYPERVISOR_TIMEOUT_MS } from "./request-bound";
 
 export interface Config {
-  /** HOST:PORT for gRPC over TCP. */
-  readonly listen: string;
+  /** HOST:PORT for gRPC over TCP; undefined with `--listen none` (the Unix socket alone). */
+  readonly listen: string | undefined;
   /** Optional Unix socket path for gRPC. */
   readonly socket: string | undefined;
   readonly socketMode: number;
   readonly socketGroup: string | undefined;
   readonly inventory: string | undefined;
   readonly cocoonRoot: string;
+  readonly cocoonBinaries: CocoonBinaries;
   readonly sysfsRoot: string;
+  readonly procRoot: string;
   readonly detachTimeoutMs: number;
+  readonly hypervisorTimeoutMs: number;
+  readonly refreshIntervalMs: number;
   readonly tlsCert: string | undefined;
   readonly tlsKey: string | undefined;
   readonly tlsClientCa: string | undefined;
@@ -48,6 +54,11 @@ export function parseDuration(text: string): number {
   return Math.round(value);
 }
 
+/** `--listen`: HOST:PORT, or "none" / "" for no TCP listener at all. */
+function parseListen(text: string): string {
+  return text === "" || text === "none" ? "none" : parseHostPort(text);
+}
+
 function parseHostPort(text: string): string {
   const match = /^(\[[0-9a-fA-F:.]+\]|[^:[\]]+):(\d{1,5})$/.exec(text);
   if (match === null || Number(match[2]) > 65535) throw new InvalidArgumentError(`expected HOST:PORT, got ${JSON.stringify(text)}`);
@@ -73,6 +84,32 @@ export function isLoopbackListen(listen: string): boolean {
   return host === "::1";
 }
 
+/** Accepted spellings of a boolean in VFIOD_* variables; anything else is a usage error, never "on". */
+const TRUE_WORDS = new Set(["1", "true", "yes", "on"]);
+const FALSE_WORDS = new Set(["0", "false", "no", "off", ""]);
+
+/**
+ * A boolean flag: true when given on the command line, else its VFIOD_* variable
+ * read strictly (commander would take any defined value, "false" included, as true).
+ */
+function booleanFlag(command: Command, name: string, env: NodeJS.ProcessEnv, usage: string): boolean {
+  if (command.getOptionValueSource(name) === "cli") return true;
+  const variable = envName(name);
+  const value = env[variable];
+  if (value === undefined) return false;
+  const word = value.trim().toLowerCase();
+  if (TRUE_WORDS.has(word)) return true;
+  if (FALSE_WORDS.has(word)) return false;
+  throw new UsageError(`${variable}=${JSON.stringify(value)}: expected 1/true/yes/on or 0/false/no/off`, usage);
+}
+
+/** The variable a flag is also read from: --detach-timeout -> VFIOD_DETACH_TIMEOUT. */
+function envName(flag: string): string {
+  return `VFIOD_${flag.toUpperCase().replaceAll("-", "_")}`;
+}
+
+const LOG_LEVELS = ["trace", "debug", "info", "warn", "error", "fatal", "silent"];
+
 function parseAllowDevices(list: string | undefined, sysfsRoot: string, usage: string): DeviceAllowList | undefined {
   if (list === undefined) return undefined;
   try {
@@ -83,33 +120,50 @@ function parseAllowDevices(list: string | undefined, sysfsRoot: string, usage: s
 }
 
 function buildCommand(): Command {
-  const option = (flags: string, description: string) => {
-    const name = flags.split(" ")[0]!.replace(/^--/, "");
-    return new Option(flags, description).env(`VFIOD_${name.toUpperCase().replaceAll("-", "_")}`);
-  };
+  const option = (flags: string, description: string) =>
+    new Option(flags, description).env(envName(flags.split(" ")[0]!.replace(/^--/, "")));
+  const duration = (flags: string, description: string, ms: number, shown: string) =>
+    option(flags, description).default(ms, shown).argParser(parseDuration);
   return new Command("vfiod")
     .description("gRPC service that hot-plugs VFIO PCI passthrough devices into running VMs")
-    .addOption(option("--listen <host:port>", "gRPC over TCP").default("127.0.0.1:50051").argParser(parseHostPort))
+    .addOption(
+      option("--listen <host:port>", 'gRPC over TCP; "none" (or empty) serves the Unix socket alone')
+        .default("127.0.0.1:50051")
+        .argParser(parseListen),
+    )
     .addOption(option("--socket <path>", "also serve gRPC on this Unix socket"))
     .addOption(option("--socket-mode <mode>", "permissions of the Unix socket").default(0o660, "0660").argParser(parseMode))
     .addOption(option("--socket-group <group>", "group (name or gid) owning the Unix socket"))
     .addOption(option("--inventory <file>", "static VM inventory JSON (re-read when it changes)"))
     .addOption(option("--cocoon-root <dir>", "cocoon's root dir, read-only").default("/var/lib/cocoon"))
-    .addOption(option("--sysfs-root <dir>", "where sys/bus/pci and sys/kernel/iommu_groups are read").default("/"))
+    .addOption(option("--cocoon-ch-binary <name>", "cocoon's ch_binary: its Cloud Hypervisor binary").default(DEFAULT_COCOON_BINARIES.cloudHypervisor))
+    .addOption(option("--cocoon-fc-binary <name>", "cocoon's fc_binary: its Firecracker binary").default(DEFAULT_COCOON_BINARIES.firecracker))
+    .addOption(option("--sysfs-root <dir>", "where sys/bus/pci, sys/kernel/iommu_groups and dev/vfio are read").default("/"))
+    .addOption(option("--proc-root <dir>", "where /proc is read (who holds a device's VFIO group open)").default("/proc"))
+    .addOption(duration("--detach-timeout <duration>", "how long Detach waits for the guest to release a device", 10_000, "10s"))
     .addOption(
-      option("--detach-timeout <duration>", "how long Detach waits for the guest to release a device")
-        .default(10_000, "10s")
-        .argParser(parseDuration),
+      duration(
+        "--hypervisor-timeout <duration>",
+        "bound on each hypervisor request when the caller gave no earlier deadline",
+        DEFAULT_HYPERVISOR_TIMEOUT_MS,
+        `${DEFAULT_HYPERVISOR_TIMEOUT_MS / 1000}s`,
+      ),
     )
+    .addOption(duration("--refresh-interval <duration>", "how often vfiod re-reads what every VM holds, in the background", 30_000, "30s"))
     .addOption(option("--tls-cert <file>", "server certificate (PEM); enables TLS"))
     .addOption(option("--tls-key <file>", "server private key (PEM)"))
     .addOption(option("--tls-client-ca <file>", "CA (PEM) client certificates must chain to (mTLS)"))
-    .addOption(option("--insecure", "allow plaintext gRPC on a non-loopback address"))
+    // Booleans are read from VFIOD_* by booleanFlag, strictly: commander takes any defined value as true.
+    .addOption(new Option("--insecure", "allow plaintext gRPC (and metrics) on a non-loopback address; also VFIOD_INSECURE=1"))
     .addOption(option("--allow-client <names>", "comma-separated client certificate CNs or DNS SANs allowed to call (needs mTLS)"))
     .addOption(option("--allow-devices <list>", "comma-separated vendor:device (hex, * wildcard) or BDF; others are refused"))
     .addOption(option("--audit-log <file>", "append one JSON line per Attach/Detach; - for stderr"))
-    .addOption(option("--metrics-listen <host:port>", "serve Prometheus metrics on /metrics").argParser(parseHostPort))
-    .addOption(option("--log-level <level>", "trace, debug, info, warn, error").default("info"))
+    .addOption(
+      option("--metrics-listen <host:port>", "serve Prometheus metrics on /metrics (a non-loopback address needs --insecure)").argParser(
+        parseHostPort,
+      ),
+    )
+    .addOption(option("--log-level <level>", "log level").choices(LOG_LEVELS).default("info"))
     .helpOption("-h, --help", "show this help")
     .exitOverride()
     .configureOutput({ writeOut: () => {}, writeErr: () => {} });
@@ -131,18 +185,22 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   }
   const o = command.opts();
   const config: Config = {
-    listen: o.listen,
+    listen: o.listen === "none" ? undefined : o.listen,
     socket: o.socket,
     socketMode: o.socketMode,
     socketGroup: o.socketGroup,
     inventory: o.inventory,
     cocoonRoot: o.cocoonRoot,
+    cocoonBinaries: { cloudHypervisor: o.cocoonChBinary, firecracker: o.cocoonFcBinary },
     sysfsRoot: o.sysfsRoot,
+    procRoot: o.procRoot,
     detachTimeoutMs: o.detachTimeout,
+    hypervisorTimeoutMs: o.hypervisorTimeout,
+    refreshIntervalMs: o.refreshInterval,
     tlsCert: o.tlsCert,
     tlsKey: o.tlsKey,
     tlsClientCa: o.tlsClientCa,
-    insecure: o.insecure === true || o.insecure === "true" || o.insecure === "1",
+    insecure: booleanFlag(command, "insecure", env, usage),
     allowClients:
       o.allowClient === undefined
         ? undefined
@@ -152,6 +210,9 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     metricsListen: o.metricsListen,
     logLevel: o.logLevel,
   };
+  if (config.listen === undefined && config.socket === undefined) {
+    throw new UsageError("--listen none needs --socket: vfiod would serve nowhere", usage);
+  }
   if (config.allowClients !== undefined && config.tlsClientCa === undefined) {
     throw new UsageError("--allow-client needs mTLS: give --tls-client-ca too", usage);
   }
@@ -161,9 +222,16 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
   if (config.tlsClientCa !== undefined && config.tlsCert === undefined) {
     throw new UsageError("--tls-client-ca needs --tls-cert and --tls-key", usage);
   }
-  if (config.tlsCert === undefined && !config.insecure && !isLoopbackListen(config.listen)) {
+  if (config.listen !== undefined && config.tlsCert === undefined && !config.insecure && !isLoopbackListen(config.listen)) {
     throw new UsageError(
       `refusing plaintext gRPC on non-loopback ${config.listen}: give --tls-cert/--tls-key, or --insecure`,
+      usage,
+    );
+  }
+  // Metrics name VMs and devices and are never behind TLS: off the loopback only on purpose.
+  if (config.metricsListen !== undefined && !config.insecure && !isLoopbackListen(config.metricsListen)) {
+    throw new UsageError(
+      `refusing plaintext metrics on non-loopback ${config.metricsListen}: use a loopback address, or --insecure`,
       usage,
     );
   }

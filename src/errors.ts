@@ -3,6 +3,7 @@
 
 /** gRPC status codes by number (grpc/doc/statuscodes.md); vfiod adds none of its own. */
 export enum Code {
+  OK = 0,
   /** The caller cancelled the call. */
   CANCELLED = 1,
   /** The request itself is malformed, whatever the state of the host or VM. */

@@ -4,16 +4,11 @@ import * as grpc from "@grpc/grpc-js";
 import fs from "node:fs";
 import { promisify } from "node:util";
 import { AuditLog } from "./audit";
-import { defaultBackends } from "./backends/all";
 import { parseConfig, UsageError, type Config } from "./config";
-import { createVfiodServer } from "./grpc/server";
-import { HostPreflight } from "./host/preflight";
-import { Inventory } from "./inventory/inventory";
 import { createLogger, type Logger } from "./log";
 import { Metrics } from "./metrics";
-import { DeviceOperations } from "./service/device-operations";
-import { KeyedLocks } from "./keyed-locks";
-import { groupId } from "./unix-socket";
+import { bindPrivately, groupId } from "./unix-socket";
+import { assembleVfiod } from "./vfiod";
 
 /** How long draining waits for in-flight calls before cutting them off. */
 const DRAIN_TIMEOUT_MS = 30_000;
@@ -28,53 +23,56 @@ function serverCredentials(config: Config): grpc.ServerCredentials {
   );
 }
 
-async function bindUnixSocket(server: grpc.Server, config: Config, credentials: grpc.ServerCredentials): Promise<void> {
-  const path = config.socket;
-  if (path === undefined) return;
-  // A socket file left by a killed vfiod would make bind fail with EADDRINUSE.
-  if (fs.existsSync(path) && fs.statSync(path).isSocket()) fs.unlinkSync(path);
-  await promisify(server.bindAsync.bind(server))(`unix:${path}`, credentials);
-  fs.chmodSync(path, config.socketMode);
-  if (config.socketGroup !== undefined) fs.chownSync(path, -1, groupId(config.socketGroup));
-}
-
 async function serve(config: Config, log: Logger): Promise<void> {
-  const operations = new DeviceOperations({
-    inventory: new Inventory({ inventoryFile: config.inventory, cocoonRoot: config.cocoonRoot, log }),
-    backends: defaultBackends(),
-    host: new HostPreflight(config.sysfsRoot),
-    locks: new KeyedLocks(),
-    detachTimeoutMs: config.detachTimeoutMs,
-    allowList: config.allowDevices,
-    log,
-  });
   const metrics = config.metricsListen === undefined ? undefined : new Metrics();
-  const vfiod = createVfiodServer(operations, log, {
-    allowedClients: config.allowClients,
-    audit: config.auditLog === undefined ? undefined : AuditLog.open(config.auditLog),
-    metrics,
+  const vfiod = assembleVfiod({
+    log,
+    inventoryFile: config.inventory,
+    cocoonRoot: config.cocoonRoot,
+    cocoonBinaries: config.cocoonBinaries,
+    sysfsRoot: config.sysfsRoot,
+    procRoot: config.procRoot,
+    detachTimeoutMs: config.detachTimeoutMs,
+    hypervisorTimeoutMs: config.hypervisorTimeoutMs,
+    refreshIntervalMs: config.refreshIntervalMs,
+    allowList: config.allowDevices,
+    server: {
+      allowedClients: config.allowClients,
+      audit: config.auditLog === undefined ? undefined : AuditLog.open(config.auditLog),
+      metrics,
+    },
   });
+  const { server } = vfiod.server;
   if (metrics !== undefined && config.metricsListen !== undefined) {
     const { port: metricsPort } = await metrics.listen(config.metricsListen);
     log.info({ metricsListen: config.metricsListen, port: metricsPort }, "metrics serving on /metrics");
   }
+  vfiod.holders.canSeeOthers();
   const credentials = serverCredentials(config);
-  const port = await promisify(vfiod.server.bindAsync.bind(vfiod.server))(config.listen, credentials);
-  await bindUnixSocket(vfiod.server, config, credentials);
-  vfiod.markServing();
-  log.info({ listen: config.listen, port, socket: config.socket, tls: config.tlsCert !== undefined }, "vfiod serving");
+  const bind = promisify(server.bindAsync.bind(server));
+  const port = config.listen === undefined ? undefined : await bind(config.listen, credentials);
+  if (config.socket !== undefined) {
+    const gid = config.socketGroup === undefined ? undefined : groupId(config.socketGroup);
+    await bindPrivately(config.socket, config.socketMode, gid, async (privatePath) => {
+      await bind(`unix:${privatePath}`, credentials);
+    });
+  }
+  vfiod.refresher.start();
+  vfiod.server.markServing();
+  log.info({ listen: config.listen ?? "none", port, socket: config.socket, tls: config.tlsCert !== undefined }, "vfiod serving");
 
   let draining = false;
   const drain = (signal: NodeJS.Signals) => {
     if (draining) return;
     draining = true;
     log.info({ signal }, "draining: no new calls, finishing in-flight ones");
-    vfiod.markNotServing();
+    vfiod.refresher.stop();
+    vfiod.server.markNotServing();
     const force = setTimeout(() => {
       log.warn({ afterMs: DRAIN_TIMEOUT_MS }, "drain timed out; cancelling remaining calls");
-      vfiod.server.forceShutdown();
+      server.forceShutdown();
     }, DRAIN_TIMEOUT_MS);
-    vfiod.server.tryShutdown(() => {
+    server.tryShutdown(() => {
       clearTimeout(force);
       if (config.socket !== undefined) fs.rmSync(config.socket, { force: true });
       log.info("vfiod stopped");

@@ -25,6 +25,8 @@ export interface CallContext {
   /** Aborts when the caller's deadline passes (reason: TimeoutError) or the caller cancels. */
   readonly signal: AbortSignal;
   readonly call: grpc.ServerUnaryCall<Message, Message>;
+  /** Sent with the call's status, whether it succeeds or fails. */
+  readonly trailers: grpc.Metadata;
 }
 
 export type UnaryHandler<M> = (
@@ -35,7 +37,7 @@ export type UnaryHandler<M> = (
 export type ServiceHandlers<S extends DescService> = { [K in keyof Methods<S>]: UnaryHandler<Methods<S>[K]> };
 
 /** Turns whatever a handler threw into the status the caller gets. */
-export type ErrorToStatus = (err: unknown, method: DescMethod) => Partial<grpc.StatusObject>;
+export type ErrorToStatus = (err: unknown) => Partial<grpc.StatusObject>;
 
 function unaryMethods(service: DescService): DescMethod[] {
   for (const method of service.methods) {
@@ -125,9 +127,15 @@ export function serviceImplementation<S extends DescService>(
     const handler = (handlers as Record<string, UnaryHandler<DescMethod>>)[method.localName];
     if (handler === undefined) throw new Error(`${service.typeName}.${method.name} has no handler`);
     const unary: grpc.handleUnaryCall<Message, Message> = (call, callback) => {
-      handler(call.request as never, { signal: callSignal(call), call }).then(
-        (response) => callback(null, create(method.output, response as never)),
-        (err: unknown) => callback(toStatus(err, method) as grpc.ServerErrorResponse),
+      const trailers = new grpc.Metadata();
+      handler(call.request as never, { signal: callSignal(call), call, trailers }).then(
+        (response) => callback(null, create(method.output, response as never), trailers),
+        (err: unknown) => {
+          const status = toStatus(err);
+          const metadata = status.metadata ?? new grpc.Metadata();
+          metadata.merge(trailers);
+          callback({ ...status, metadata } as grpc.ServerErrorResponse);
+        },
       );
     };
     implementation[method.name] = unary;

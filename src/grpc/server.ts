@@ -9,11 +9,13 @@ import { file_google_rpc_error_details } from "../../gen/google/rpc/error_detail
 import { file_google_rpc_status } from "../../gen/google/rpc/status_pb";
 import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb";
 import { DeviceService, file_vfiod_v1_device, type DeviceSchema } from "../../gen/vfiod/v1/device_pb";
-import type { AuditLog } from "../audit";
+import { randomUUID } from "node:crypto";
+import type { AuditEntry, AuditLog } from "../audit";
 import type { AttachedDevice } from "../backends/backend";
 import { Code, VfiodError } from "../errors";
 import type { Logger } from "../log";
 import type { Metrics } from "../metrics";
+import type { Call } from "../service/call";
 import type { DeviceOperations } from "../service/device-operations";
 import { serviceDefinition, serviceImplementation, type CallContext } from "./adapter";
 import { authorize, callerOf } from "./caller";
@@ -72,51 +74,82 @@ export interface VfiodServerOptions {
   readonly metrics?: Metrics;
 }
 
-interface Described {
-  readonly vm: string;
-  readonly device: string;
-  readonly id: string;
+/** The caller's request id header, echoed in the response metadata and on every log line of the call. */
+export const REQUEST_ID_KEY = "x-request-id";
+/** A request id vfiod takes as given: printable, no spaces, short (else it makes one). */
+const REQUEST_ID = /^[\x21-\x7e]{1,128}$/;
+
+function requestIdOf(metadata: grpc.Metadata): string {
+  const [given] = metadata.get(REQUEST_ID_KEY);
+  return typeof given === "string" && REQUEST_ID.test(given) ? given : randomUUID();
 }
 
-/** How a finished call is accounted for: metrics always, the audit log for mutations. */
-function accounting(log: Logger, options: VfiodServerOptions) {
-  return <Req, Res>(
-    method: "Attach" | "Detach" | "List",
-    describe: (request: Req, response: Res | undefined) => Described,
-    handler: (request: Req, context: CallContext) => Promise<Res>,
-  ) =>
+type Method = "Attach" | "Detach" | "List";
+const MUTATIONS: ReadonlySet<Method> = new Set(["Attach", "Detach"]);
+
+/**
+ * Runs one call: its request id (taken or made, and sent back in the initial
+ * metadata and the trailers), the caller's authorization, one log line at its end
+ * (an expected refusal at info with its reason, a bug with its stack), its
+ * metrics, and for a mutation its audit line.
+ */
+function callRunner(log: Logger, options: VfiodServerOptions) {
+  return <Req extends { vm: string }, Res>(method: Method, handler: (request: Req, call: Call) => Promise<Res>) =>
     async (request: Req, context: CallContext): Promise<Res> => {
       const started = Date.now();
+      const requestId = requestIdOf(context.call.metadata);
+      const echoed = new grpc.Metadata();
+      echoed.set(REQUEST_ID_KEY, requestId);
+      context.call.sendMetadata(echoed);
+      context.trailers.set(REQUEST_ID_KEY, requestId);
       const caller = callerOf(context.call);
-      let response: Res | undefined;
+      const call: Call = { signal: context.signal, log: log.child({ requestId }), facts: {} };
       let outcome = "OK";
-      let code = 0;
+      let code: number = Code.OK;
+      let failure: unknown;
       try {
         authorize(caller, options.allowedClients);
-        response = await handler(request, context);
-        return response;
+        return await handler(request, call);
       } catch (err) {
+        failure = err;
         outcome = err instanceof VfiodError ? err.reason : "INTERNAL";
         code = err instanceof VfiodError ? err.code : Code.INTERNAL;
         throw err;
       } finally {
         const ms = Date.now() - started;
         options.metrics?.observe(method, grpc.status[code] ?? String(code), ms);
-        if (method !== "List") {
-          const entry = {
+        const { facts } = call;
+        // The outcome stands, but the caller left first and saw its deadline or cancel instead.
+        const gaveUp = context.signal.aborted ? { callerGaveUp: true } : {};
+        const fields = { method, caller: caller.identity, vmRef: request.vm, ...facts, ms, ...gaveUp };
+        if (failure === undefined) {
+          if (MUTATIONS.has(method)) call.log.info(fields, `${method} done`);
+          else call.log.debug(fields, `${method} done`);
+        } else if (failure instanceof VfiodError) {
+          const level = failure.code === Code.INTERNAL || failure.code === Code.UNAVAILABLE ? "warn" : "info";
+          call.log[level]({ ...fields, reason: failure.reason, code: grpc.status[code], message: failure.message }, `${method} refused`);
+        } else {
+          call.log.error({ ...fields, err: failure }, `${method} failed: internal error`);
+        }
+        if (method === "Attach" || method === "Detach") {
+          const entry: AuditEntry = {
+            requestId,
             caller: caller.identity,
             method,
-            ...describe(request, response),
+            vmRef: request.vm,
+            vm: facts.vm ?? "",
+            vmName: facts.vmName ?? "",
+            device: facts.device ?? "",
+            id: facts.id ?? "",
             outcome,
             code,
             ms,
-            // The outcome stands, but the caller left first and saw its deadline or cancel instead.
-            ...(context.signal.aborted ? { callerGaveUp: true } : {}),
+            ...gaveUp,
           };
           try {
             options.audit?.record(entry);
           } catch (err) {
-            log.error({ err, entry }, "cannot write the audit log");
+            call.log.error({ err, entry }, "cannot write the audit log");
           }
         }
       }
@@ -125,32 +158,20 @@ function accounting(log: Logger, options: VfiodServerOptions) {
 
 export function createVfiodServer(operations: DeviceOperations, log: Logger, options: VfiodServerOptions = {}): VfiodServer {
   const server = new grpc.Server();
-  const account = accounting(log, options);
+  const run = callRunner(log, options);
   server.addService(
     serviceDefinition(DeviceService),
     serviceImplementation(
       DeviceService,
       {
-        attach: account(
-          "Attach",
-          (request, response) => ({ vm: request.vm, device: request.pci, id: response?.device?.id ?? request.id }),
-          async (request, { signal }) => ({ device: toProtoDevice(await operations.attach(request, signal)) }),
-        ),
-        detach: account(
-          "Detach",
-          (request) => ({ vm: request.vm, device: "", id: request.id }),
-          async (request, { signal }) => {
-            await operations.detach(request, signal);
-            return {};
-          },
-        ),
-        list: account(
-          "List",
-          (request) => ({ vm: request.vm, device: "", id: "" }),
-          async (request, { signal }) => ({ devices: (await operations.list(request, signal)).map(toProtoDevice) }),
-        ),
+        attach: run("Attach", async (request, call) => ({ device: toProtoDevice(await operations.attach(request, call)) })),
+        detach: run("Detach", async (request, call) => {
+          await operations.detach(request, call);
+          return {};
+        }),
+        list: run("List", async (request, call) => ({ devices: (await operations.list(request, call)).map(toProtoDevice) })),
       },
-      (err, method) => toGrpcStatus(err, method, log),
+      toGrpcStatus,
     ),
   );
   const health = new HealthImplementation({ "": "NOT_SERVING", [DEVICE_SERVICE_NAME]: "NOT_SERVING" });

@@ -3,6 +3,7 @@
 // prefix (tests use a fake tree). Facts: ../shared/reference/host-vfio-sysfs.md
 // §1, §3, §5, §6.
 import fs from "node:fs/promises";
+import os from "node:os";
 import path from "node:path";
 import { VfiodError } from "../errors";
 import type { PciAddress } from "../pci/address";
@@ -22,14 +23,23 @@ export function isVfioDriver(driver: string): boolean {
 }
 
 /**
- * Drivers that leave a group usable for user DMA: VFIO drivers, pci-stub and
- * pcieport mark driver_managed_dma (Linux 5.19+); before 5.19 any bridge was
- * tolerated whatever its driver, so bridges are accepted too (§3).
+ * Whether a group member leaves the group usable for user DMA (§3). From Linux
+ * 5.19 the kernel asks each member's driver: unbound, a VFIO driver, pci-stub and
+ * pcieport are fine (they mark driver_managed_dma), a bridge on any other driver
+ * is not. Before 5.19 any bridge was tolerated whatever its driver.
  */
-function keepsGroupViable(fn: HostFunction): boolean {
+function keepsGroupViable(fn: HostFunction, dmaOwnership: boolean): boolean {
   if (fn.driver === undefined) return true;
   if (isVfioDriver(fn.driver) || fn.driver === "pci-stub" || fn.driver === "pcieport") return true;
-  return fn.pciClass !== undefined && fn.pciClass >> 8 === 0x0604;
+  return !dmaOwnership && fn.pciClass !== undefined && fn.pciClass >> 8 === 0x0604;
+}
+
+/** Whether `release` (uname -r) is Linux 5.19 or later, where group viability follows DMA ownership. */
+export function hasDmaOwnership(release: string): boolean {
+  const match = /^(\d+)\.(\d+)/.exec(release);
+  if (match === null) return true; // an unreadable release: the stricter, current rule
+  const [major, minor] = [Number(match[1]), Number(match[2])];
+  return major > 5 || (major === 5 && minor >= 19);
 }
 
 async function readLinkName(link: string): Promise<string | undefined> {
@@ -61,8 +71,18 @@ function bindCommands(functions: readonly { bdf: string; driver: string | undefi
 }
 
 export class HostPreflight {
-  /** @param sysfsRoot where sys/bus/pci/devices and sys/kernel/iommu_groups are read ("/" on a real host). */
-  constructor(private readonly sysfsRoot: string) {}
+  private readonly dmaOwnership: boolean;
+
+  /**
+   * @param sysfsRoot where sys/bus/pci/devices and sys/kernel/iommu_groups are read ("/" on a real host).
+   * @param kernelRelease the host kernel's release (uname -r), which decides the viability rule.
+   */
+  constructor(
+    private readonly sysfsRoot: string,
+    kernelRelease: string = os.release(),
+  ) {
+    this.dmaOwnership = hasDmaOwnership(kernelRelease);
+  }
 
   private devicesDir(): string {
     return path.join(this.sysfsRoot, "sys/bus/pci/devices");
@@ -97,7 +117,9 @@ export class HostPreflight {
     if (group === undefined) {
       throw new VfiodError(
         "IOMMU_GROUP_NOT_VIABLE",
-        `host PCI device ${device.bdf} has no IOMMU group: the IOMMU is off; enable it (e.g. intel_iommu=on or amd_iommu=on on the kernel command line) and reboot`,
+        `host PCI device ${device.bdf} has no IOMMU group: IOMMU off or not in a group; check that the ` +
+          "firmware has VT-d / AMD-Vi enabled and the kernel command line has intel_iommu=on (Intel) or " +
+          "amd_iommu=on (AMD), and not iommu=off; then reboot (dmesg | grep -i -e DMAR -e IOMMU tells what the kernel found)",
         { meta },
       );
     }
@@ -106,7 +128,7 @@ export class HostPreflight {
     for (const member of members.sort()) {
       if (member === device.bdf) continue;
       const fn = await this.readFunction(member);
-      if (!keepsGroupViable(fn)) offenders.push(fn);
+      if (!keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
     }
     if (offenders.length > 0) {
       const named = offenders.map((fn) => `${fn.bdf} (driver ${fn.driver})`).join(", ");

@@ -8,10 +8,11 @@ import { isVfiodError, VfiodError } from "../errors";
 import type { Logger } from "../log";
 import {
   checkCocoonVm,
-  COCOON_BACKENDS,
+  cocoonBackends,
   cocoonIndexPath,
   cocoonMetaDbPath,
   parseCocoonIndex,
+  type CocoonBinaries,
   type CocoonVm,
 } from "./cocoon";
 import { resolveVm } from "./resolve";
@@ -23,8 +24,12 @@ export interface InventoryOptions {
   inventoryFile?: string;
   /** cocoon's root_dir; absent = no cocoon VMs. */
   cocoonRoot?: string;
+  /** cocoon's ch_binary / fc_binary, when not cocoon's defaults. */
+  cocoonBinaries?: CocoonBinaries;
   /** Where pids are looked up for cocoon's liveness check (tests use a fake). */
   procRoot?: string;
+  /** Hypervisor types vfiod has a backend for: a static entry naming another is refused alone. */
+  hypervisors?: ReadonlySet<string>;
   log: Logger;
 }
 
@@ -35,9 +40,12 @@ function errnoOf(err: unknown): string {
 /** What a file held when last read: a missing file holds no VMs. */
 interface FileState<T> {
   readonly items: readonly T[];
+  readonly exists: boolean;
   /** The file exists but could not be used (already logged). */
   readonly unreadable: boolean;
 }
+
+const NO_FILE = { items: [], exists: false, unreadable: false } as const;
 
 /**
  * One records file, parsed again only when its (ino, size, mtime) changes.
@@ -46,12 +54,12 @@ interface FileState<T> {
  */
 class WatchedFile<T> {
   private version: string | undefined;
-  private state: FileState<T> = { items: [], unreadable: false };
+  private state: FileState<T> = NO_FILE;
   // Concurrent calls share one look at the file, so a bad version is logged once.
   private pending: Promise<FileState<T>> | undefined;
 
   constructor(
-    private readonly path: string,
+    readonly path: string,
     private readonly source: VmSource,
     private readonly parse: (text: string) => T[],
     private readonly log: Logger,
@@ -70,14 +78,14 @@ class WatchedFile<T> {
       stat = await fsp.stat(this.path);
     } catch (err) {
       const code = errnoOf(err);
-      if (code === "ENOENT") return this.settle(undefined, { items: [], unreadable: false });
+      if (code === "ENOENT") return this.settle(undefined, NO_FILE);
       return this.version === code ? this.state : this.fail(code, err);
     }
     const version = `${stat.ino}:${stat.size}:${stat.mtimeMs}`;
     if (version === this.version) return this.state;
     if (!stat.isFile()) return this.fail(version, new Error("not a regular file"));
     try {
-      return this.settle(version, { items: this.parse(await fsp.readFile(this.path, "utf8")), unreadable: false });
+      return this.settle(version, { items: this.parse(await fsp.readFile(this.path, "utf8")), exists: true, unreadable: false });
     } catch (err) {
       return this.fail(version, err);
     }
@@ -94,7 +102,7 @@ class WatchedFile<T> {
       { path: this.path, source: this.source, err },
       "VM records file unusable; its VMs are unavailable until it changes",
     );
-    return this.settle(version, { items: [], unreadable: true });
+    return this.settle(version, { items: [], exists: true, unreadable: true });
   }
 }
 
@@ -103,12 +111,15 @@ interface Snapshot {
   readonly cocoon: readonly CocoonVm[];
   /** Some records exist that vfiod could not read, so a miss may be a false one. */
   readonly incomplete: boolean;
+  readonly fixedFile: FileState<VmRecord>;
+  readonly cocoonFilesRead: readonly FileState<CocoonVm>[];
 }
 
 export class Inventory {
   private readonly inventoryFile: WatchedFile<VmRecord> | undefined;
   private readonly cocoonFiles: WatchedFile<CocoonVm>[];
   private readonly metaDb: string | undefined;
+  private readonly cocoonRoot: string | undefined;
   private metaDbLogged = false;
   private readonly procRoot: string | undefined;
   private readonly log: Logger;
@@ -117,12 +128,18 @@ export class Inventory {
     const { inventoryFile, cocoonRoot, log } = options;
     this.log = log;
     this.procRoot = options.procRoot;
-    this.inventoryFile =
-      inventoryFile === undefined ? undefined : new WatchedFile(inventoryFile, "inventory", parseInventoryFile, log);
+    this.cocoonRoot = cocoonRoot;
+    const parseStatic = (text: string) => {
+      const { vms, refused } = parseInventoryFile(text, options.hypervisors);
+      // Parsed once per version of the file, so each refusal is logged once.
+      for (const why of refused) log.error({ path: inventoryFile, why }, "inventory entry refused; the file's other VMs are served");
+      return vms;
+    };
+    this.inventoryFile = inventoryFile === undefined ? undefined : new WatchedFile(inventoryFile, "inventory", parseStatic, log);
     this.cocoonFiles =
       cocoonRoot === undefined
         ? []
-        : COCOON_BACKENDS.map((backend) => {
+        : cocoonBackends(options.cocoonBinaries).map((backend) => {
             const parse = (text: string) => parseCocoonIndex(text, cocoonRoot, backend);
             return new WatchedFile(cocoonIndexPath(cocoonRoot, backend), "cocoon", parse, log);
           });
@@ -140,11 +157,10 @@ export class Inventory {
     try {
       found = resolveVm(ref, [...snapshot.fixed, ...snapshot.cocoon.map((vm) => vm.record)]);
     } catch (err) {
-      if (snapshot.incomplete && isVfiodError(err, "VM_NOT_FOUND")) {
-        const message = `${err.message}; some VM records could not be read (see the vfiod log)`;
-        throw new VfiodError("VM_NOT_FOUND", message, { cause: err });
-      }
-      throw err;
+      if (!isVfiodError(err, "VM_NOT_FOUND")) throw err;
+      const unread = snapshot.incomplete ? "; some VM records could not be read (see the vfiod log)" : "";
+      const sources = await this.describeSources(snapshot);
+      throw new VfiodError("VM_NOT_FOUND", `${err.message} among ${sources}${unread}`, { cause: err });
     }
     const cocoonVm = snapshot.cocoon.find((vm) => vm.record === found);
     return cocoonVm === undefined ? found : checkCocoonVm(cocoonVm, this.procRoot);
@@ -157,9 +173,15 @@ export class Inventory {
     return [...snapshot.fixed, ...cocoon];
   }
 
+  /** Every VM record from every source, without liveness checks (no /proc reads). */
+  async records(): Promise<VmRecord[]> {
+    const snapshot = await this.snapshot();
+    return [...snapshot.fixed, ...snapshot.cocoon.map((vm) => vm.record)];
+  }
+
   private async snapshot(): Promise<Snapshot> {
     const [fixed, metaDb, ...cocoon] = await Promise.all([
-      this.inventoryFile?.read() ?? { items: [], unreadable: false },
+      this.inventoryFile?.read() ?? NO_FILE,
       this.metaDbExists(),
       ...this.cocoonFiles.map((file) => file.read()),
     ]);
@@ -167,7 +189,36 @@ export class Inventory {
       fixed: fixed.items,
       cocoon: cocoon.flatMap((file) => file.items),
       incomplete: metaDb || fixed.unreadable || cocoon.some((file) => file.unreadable),
+      fixedFile: fixed,
+      cocoonFilesRead: cocoon,
     };
+  }
+
+  /**
+   * Where vfiod looked, for a VM_NOT_FOUND a newcomer can act on: "the 0 VMs vfiod
+   * can see (no --inventory file given; cocoon root /var/lib/cocoon does not exist)".
+   */
+  private async describeSources(snapshot: Snapshot): Promise<string> {
+    const total = snapshot.fixed.length + snapshot.cocoon.length;
+    const { fixedFile: fixed, cocoonFilesRead: cocoon } = snapshot;
+    const cocoonRootExists = this.cocoonRoot !== undefined && (await exists(this.cocoonRoot));
+    const file = this.inventoryFile;
+    const staticPart =
+      file === undefined
+        ? "no --inventory file given"
+        : !fixed.exists
+          ? `--inventory ${file.path} does not exist`
+          : `${fixed.items.length} in --inventory ${file.path}${fixed.unreadable ? " (unreadable)" : ""}`;
+    const root = this.cocoonRoot;
+    const cocoonPart =
+      root === undefined
+        ? "no cocoon root"
+        : !cocoonRootExists
+          ? `cocoon root ${root} does not exist`
+          : `${cocoon.reduce((n, f) => n + f.items.length, 0)} in cocoon root ${root} (${this.cocoonFiles
+              .map((f, i) => `${f.path}${cocoon[i]?.exists === true ? "" : ": absent"}`)
+              .join(", ")})`;
+    return `the ${total} VM${total === 1 ? "" : "s"} vfiod can see (${staticPart}; ${cocoonPart})`;
   }
 
   private async metaDbExists(): Promise<boolean> {
@@ -186,5 +237,14 @@ export class Inventory {
       );
     }
     return true;
+  }
+}
+
+async function exists(file: string): Promise<boolean> {
+  try {
+    await fsp.stat(file);
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -33,11 +33,21 @@ function parseEntry(entry: unknown, where: string): VmRecord {
   return { id, name, hypervisor, socket, source: "inventory", ...(idIsName ? { idIsName: true } : {}) };
 }
 
+/** What a static inventory file holds: its VMs, and the entries refused one by one. */
+export interface InventoryFileContents {
+  readonly vms: VmRecord[];
+  /** Entries left out, each naming itself and why (`vms[2] "gpu-1": unknown hypervisor "qmeu"`). */
+  readonly refused: string[];
+}
+
 /**
- * The VMs a static inventory file lists (id defaults to the name).
+ * The VMs a static inventory file lists (id defaults to the name). An entry
+ * naming a hypervisor type vfiod has no backend for (a typo) is refused alone;
+ * anything else wrong refuses the whole file.
+ * @param hypervisors the types vfiod has a backend for; undefined accepts any.
  * @throws Error saying what is wrong and where (`vms[2]: missing "socket"`).
  */
-export function parseInventoryFile(text: string): VmRecord[] {
+export function parseInventoryFile(text: string, hypervisors?: ReadonlySet<string>): InventoryFileContents {
   let doc: unknown;
   try {
     doc = JSON.parse(text);
@@ -51,7 +61,9 @@ export function parseInventoryFile(text: string): VmRecord[] {
 
   const byName = new Map<string, number>();
   const byId = new Map<string, number>();
-  return doc.vms.map((entry: unknown, index: number) => {
+  const vms: VmRecord[] = [];
+  const refused: string[] = [];
+  doc.vms.forEach((entry: unknown, index: number) => {
     const where = `vms[${index}]`;
     const vm = parseEntry(entry, where);
     const sameName = byName.get(vm.name);
@@ -60,6 +72,12 @@ export function parseInventoryFile(text: string): VmRecord[] {
     if (sameId !== undefined) throw new Error(`${where}: duplicate id ${JSON.stringify(vm.id)} (also vms[${sameId}])`);
     byName.set(vm.name, index);
     byId.set(vm.id, index);
-    return vm;
+    if (hypervisors === undefined || hypervisors.has(vm.hypervisor)) {
+      vms.push(vm);
+      return;
+    }
+    const known = [...hypervisors].join(", ");
+    refused.push(`${where} ${JSON.stringify(vm.name)}: unknown hypervisor ${JSON.stringify(vm.hypervisor)} (vfiod knows ${known})`);
   });
+  return { vms, refused };
 }

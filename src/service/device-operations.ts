@@ -1,20 +1,22 @@
 // What Attach, Detach and List do, independent of gRPC: validate the request,
 // check the allow-list, resolve the VM, pick its backend, check the host, take
-// the locks, call the backend. Everything the caller may see is a VfiodError.
-import type { AttachedDevice, Backend } from "../backends/backend";
+// the locks, call the backend, and keep vfiod's view of what each VM holds.
+// Everything the caller may see is a VfiodError.
+import type { AttachedDevice, DeviceAttacher } from "../backends/backend";
 import type { BackendRegistry } from "../backends/registry";
 import { checkDeviceId, requireDeviceId } from "../device-id";
 import { VfiodError } from "../errors";
 import type { DeviceAllowList } from "../host/device-allow-list";
 import type { VmRecord } from "../inventory/vm";
-import type { Logger } from "../log";
-import { parsePciAddress, type PciAddress } from "../pci/address";
 import type { KeyedLocks } from "../keyed-locks";
+import { parsePciAddress, type PciAddress } from "../pci/address";
+import type { DeviceView } from "../view/device-view";
+import type { Call } from "./call";
+import type { HeldElsewhere } from "./held-elsewhere";
 import { withOpsFlock } from "./ops-flock";
 
 export interface VmDirectory {
   resolve(ref: string): Promise<VmRecord>;
-  all(): Promise<VmRecord[]>;
 }
 
 export interface DeviceChecker {
@@ -25,12 +27,13 @@ export interface DeviceOperationsDeps {
   readonly inventory: VmDirectory;
   readonly backends: BackendRegistry;
   readonly host: DeviceChecker;
+  readonly heldElsewhere: HeldElsewhere;
+  readonly view: DeviceView;
   readonly locks: KeyedLocks;
   /** How long Detach waits for the guest to release a device. */
   readonly detachTimeoutMs: number;
   /** --allow-devices; undefined allows every device. */
   readonly allowList?: DeviceAllowList;
-  readonly log: Logger;
 }
 
 function requireVmRef(vm: string): string {
@@ -48,74 +51,82 @@ export class DeviceOperations {
   constructor(private readonly deps: DeviceOperationsDeps) {}
 
   /**
-   * Holds the device's lock across "is it on another VM?" and the attach itself,
+   * Holds the device's lock across "is it held elsewhere?" and the attach itself,
    * so two VMs racing for one device cannot both win; then the VM's lock.
-   * @throws INVALID_ARGUMENT, DEVICE_NOT_ALLOWED, VM_NOT_FOUND, VM_AMBIGUOUS, VM_NOT_RUNNING,
-   *   BACKEND_UNSUPPORTED, DEVICE_NOT_FOUND, DEVICE_NOT_VFIO, IOMMU_GROUP_NOT_VIABLE,
-   *   DEVICE_IN_USE, VM_BUSY, and the backend's reasons.
+   * @throws INVALID_ARGUMENT, DEVICE_NOT_ALLOWED, VM_NOT_FOUND, VM_AMBIGUOUS,
+   *   BACKEND_UNSUPPORTED, VM_NOT_RUNNING, DEVICE_NOT_FOUND, DEVICE_NOT_VFIO,
+   *   IOMMU_GROUP_NOT_VIABLE, DEVICE_IN_USE, VM_BUSY, and the backend's reasons.
    */
-  async attach(request: { vm: string; pci: string; id: string }, signal: AbortSignal): Promise<AttachedDevice> {
+  async attach(request: { vm: string; pci: string; id: string }, call: Call): Promise<AttachedDevice> {
     const vmRef = requireVmRef(request.vm);
     const device = parsePciAddress(request.pci);
     const id = checkDeviceId(request.id);
+    call.facts.device = device.bdf;
+    if (id !== "") call.facts.id = id;
     await this.deps.allowList?.check(device);
-    const vm = await this.deps.inventory.resolve(vmRef);
-    refuseIfNotRunning(vm);
-    const backend = this.deps.backends.get(vm.hypervisor);
+    const { vm, attacher } = await this.resolveAttacher(vmRef, "attach", call);
     await this.deps.host.check(device);
     const busy = () =>
       new VfiodError("VM_BUSY", `another attach of host device ${device.bdf} is in progress; retry later`, {
         meta: { device: device.bdf },
       });
-    return this.deps.locks.run(`device:${device.bdf}`, signal, busy, async () => {
-      await this.refuseIfAttachedElsewhere(vm, device, signal);
-      return this.mutate(vm, signal, () =>
-        this.logOutcome("attach", { vm: vm.id, device: device.bdf, id }, signal, () => backend.attach(vm, device, id, signal)),
-      );
+    return this.deps.locks.run(`device:${device.bdf}`, call.signal, busy, async () => {
+      await this.deps.heldElsewhere.refuse(vm, device, call.signal);
+      const attached = await this.mutate(vm, call.signal, () => attacher.attach(vm, device, id, call.signal));
+      call.facts.id = attached.id;
+      this.deps.view.attached(vm, attached);
+      return attached;
     });
   }
 
-  /** @throws INVALID_ARGUMENT, VM_NOT_FOUND, VM_AMBIGUOUS, VM_NOT_RUNNING, VM_BUSY, and the backend's reasons. */
-  async detach(request: { vm: string; id: string }, signal: AbortSignal): Promise<void> {
+  /**
+   * @returns the device removed (its host BDF "" when the hypervisor no longer says).
+   * @throws INVALID_ARGUMENT, VM_NOT_FOUND, VM_AMBIGUOUS, BACKEND_UNSUPPORTED, VM_NOT_RUNNING,
+   *   VM_BUSY, and the backend's reasons (DETACH_PENDING names the device in its meta).
+   */
+  async detach(request: { vm: string; id: string }, call: Call): Promise<AttachedDevice> {
     const vmRef = requireVmRef(request.vm);
     const id = requireDeviceId(request.id);
-    const vm = await this.deps.inventory.resolve(vmRef);
-    refuseIfNotRunning(vm);
-    const backend = this.deps.backends.get(vm.hypervisor);
-    await this.mutate(vm, signal, () =>
-      this.logOutcome("detach", { vm: vm.id, id }, signal, () => backend.detach(vm, id, this.deps.detachTimeoutMs, signal)),
-    );
+    call.facts.id = id;
+    const { vm, attacher } = await this.resolveAttacher(vmRef, "detach", call);
+    try {
+      const removed = await this.mutate(vm, call.signal, () =>
+        attacher.detach(vm, id, this.deps.detachTimeoutMs, call.signal),
+      );
+      if (removed.bdf !== "") call.facts.device = removed.bdf;
+      this.deps.view.detached(vm, removed);
+      return removed;
+    } catch (err) {
+      if (err instanceof VfiodError && err.meta.device !== undefined) call.facts.device = err.meta.device;
+      throw err;
+    }
   }
 
   /** A VM that is not running holds no devices (VFIO attach is runtime-only). */
-  async list(request: { vm: string }, signal: AbortSignal): Promise<AttachedDevice[]> {
-    const vm = await this.deps.inventory.resolve(requireVmRef(request.vm));
-    if (vm.notRunning !== undefined) return [];
-    return this.deps.backends.get(vm.hypervisor).list(vm, signal);
+  async list(request: { vm: string }, call: Call): Promise<AttachedDevice[]> {
+    const vm = await this.resolve(requireVmRef(request.vm), call);
+    const devices = vm.notRunning !== undefined ? [] : await this.deps.backends.lister(vm.hypervisor).list(vm, call.signal);
+    this.deps.view.observed(vm, devices);
+    return devices;
   }
 
-  /**
-   * Logs how a mutation ended. Backends finish reading a request they have sent
-   * even when the caller gives up, so the log is where an outcome the caller
-   * never saw (its deadline passed first) is told.
-   */
-  private async logOutcome<T extends { id: string } | void>(
+  private async resolve(vmRef: string, call: Call): Promise<VmRecord> {
+    const vm = await this.deps.inventory.resolve(vmRef);
+    call.facts.vm = vm.id;
+    call.facts.vmName = vm.name;
+    return vm;
+  }
+
+  /** The VM and its backend, refusing a backend that cannot hot-plug before anything else (cocoon's order). */
+  private async resolveAttacher(
+    vmRef: string,
     verb: "attach" | "detach",
-    fields: Record<string, string>,
-    signal: AbortSignal,
-    fn: () => Promise<T>,
-  ): Promise<T> {
-    const callerGone = () => (signal.aborted ? { callerGaveUp: true } : {});
-    try {
-      const result = await fn();
-      const id = result === undefined ? fields.id : result.id;
-      this.deps.log.info({ ...fields, id, ...callerGone() }, verb === "attach" ? "device attached" : "device detached");
-      return result;
-    } catch (err) {
-      const reason = err instanceof VfiodError ? err.reason : "INTERNAL";
-      this.deps.log.warn({ ...fields, reason, err, ...callerGone() }, `device ${verb} failed`);
-      throw err;
-    }
+    call: Call,
+  ): Promise<{ vm: VmRecord; attacher: DeviceAttacher }> {
+    const vm = await this.resolve(vmRef, call);
+    const attacher = this.deps.backends.attacher(vm.hypervisor, verb);
+    refuseIfNotRunning(vm);
+    return { vm, attacher };
   }
 
   /** One mutation of a VM at a time; a cocoon VM's ops flock too, so cocoon cannot race us. */
@@ -128,37 +139,5 @@ export class DeviceOperations {
     return this.deps.locks.run(`vm:${vm.id}`, signal, busy, () =>
       lockPath === undefined ? fn() : withOpsFlock(lockPath, vm.name, signal, fn),
     );
-  }
-
-  /**
-   * Asks every other running VM vfiod can see whether it holds the device. A VM
-   * that cannot answer is logged and skipped: the kernel still refuses a group
-   * another process holds open (EBUSY).
-   * @throws DEVICE_IN_USE naming the VM.
-   */
-  private async refuseIfAttachedElsewhere(target: VmRecord, device: PciAddress, signal: AbortSignal): Promise<void> {
-    const others = (await this.deps.inventory.all()).filter((vm) => vm.id !== target.id && vm.notRunning === undefined);
-    const checks = others.map(async (vm) => {
-      let backend: Backend;
-      try {
-        backend = this.deps.backends.get(vm.hypervisor);
-      } catch {
-        return undefined;
-      }
-      const held = (await backend.list(vm, signal)).find((attached) => attached.bdf === device.bdf);
-      return held === undefined ? undefined : { vm, held };
-    });
-    for (const [index, result] of (await Promise.allSettled(checks)).entries()) {
-      if (result.status === "rejected") {
-        this.deps.log.warn({ vm: others[index]?.id, err: result.reason }, "could not ask VM whether it holds a device");
-      } else if (result.value !== undefined) {
-        const { vm, held } = result.value;
-        throw new VfiodError(
-          "DEVICE_IN_USE",
-          `host PCI device ${device.bdf} is attached to VM ${vm.name} (device id ${held.id}); detach it there first`,
-          { meta: { device: device.bdf, vm: vm.id, id: held.id } },
-        );
-      }
-    }
   }
 }

@@ -318,7 +318,7 @@ test("7. CH add-device slower than the deadline: DEADLINE_EXCEEDED at ~1 s; CH f
   expect(answered.outcome).toBe("OK");
   expect(answered.ms).toBeGreaterThanOrEqual(delayMs - 100);
   expect(lines).toContainEqual(
-    expect.objectContaining({ msg: "device attached", vm: "f7", id: "gpu0", device: GPU, callerGaveUp: true }),
+    expect.objectContaining({ msg: "Attach done", vm: "f7", id: "gpu0", device: GPU, callerGaveUp: true }),
   );
 
   expect(await expectListMatchesCh(server.client, "f7", socket)).toEqual([

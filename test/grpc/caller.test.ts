@@ -95,8 +95,9 @@ describeTls("mTLS with a client allow-list", () => {
     const lines = fs.readFileSync(auditFile, "utf8").trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(lines).toEqual(
       expect.arrayContaining([
-        expect.objectContaining({ caller: "cn=intruder", method: "Detach", vm: "vm", id: "gpu0", outcome: "CLIENT_NOT_ALLOWED", code: 7 }),
-        expect.objectContaining({ caller: "cn=ctl-1", method: "Detach", vm: "vm", id: "gpu0", outcome: "DEVICE_NOT_ATTACHED", code: 5 }),
+        // Refused before the request was looked at: the VM as typed, nothing resolved.
+        expect.objectContaining({ caller: "cn=intruder", method: "Detach", vmRef: "vm", vm: "", outcome: "CLIENT_NOT_ALLOWED", code: 7 }),
+        expect.objectContaining({ caller: "cn=ctl-1", method: "Detach", vmRef: "vm", vm: "vm", id: "gpu0", outcome: "DEVICE_NOT_ATTACHED", code: 5 }),
       ]),
     );
     for (const line of lines) expect(typeof line.ms).toBe("number");

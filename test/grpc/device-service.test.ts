@@ -8,6 +8,7 @@ import path from "node:path";
 import { ChDouble, type ChVmState } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
+import { capturingLogger } from "../support/log-capture";
 import { waitFor } from "../support/wait";
 
 let dir: string;
@@ -176,11 +177,25 @@ describe("refusals (contract.md status table)", () => {
     expect(detach).toMatchObject({ code: grpc.status.UNIMPLEMENTED, reason: "BACKEND_UNSUPPORTED" });
   });
 
-  test("a hypervisor type with no backend is UNIMPLEMENTED naming the type", async () => {
-    const err = await failure(server.client.attach({ vm: "bhyve-vm", pci: "01:00.0", id: "" }));
-    expect(err).toMatchObject({ code: grpc.status.UNIMPLEMENTED, reason: "BACKEND_UNSUPPORTED" });
-    expect(err.message).toContain('"bhyve"');
+  test("an inventory entry naming a hypervisor type vfiod has no backend for is refused when the file is read", async () => {
+    // The same file, served by a vfiod whose log the test reads.
+    const { log, lines } = capturingLogger();
+    const logged = await startTestServer({ inventoryFile: path.join(dir, "inventory.json"), sysfsRoot: sysfs.root, log });
+    try {
+      const err = await failure(logged.client.attach({ vm: "bhyve-vm", pci: "01:00.0", id: "" }));
+      expect(err).toMatchObject({ code: grpc.status.NOT_FOUND, reason: "VM_NOT_FOUND" });
+      // The file's other VMs are served.
+      expect((await logged.client.list({ vm: "gpu-vm" })).devices).toEqual([]);
+      await logged.client.list({ vm: "gpu-vm" });
+      const refused = lines.filter((l) => l.msg.startsWith("inventory entry refused"));
+      expect(refused).toEqual([
+        expect.objectContaining({ path: path.join(dir, "inventory.json"), why: expect.stringContaining('"bhyve-vm": unknown hypervisor "bhyve"') }),
+      ]);
+    } finally {
+      await logged.stop();
+    }
   });
+
 
   test("a missing host device is NOT_FOUND (DEVICE_NOT_FOUND), hypervisor untouched", async () => {
     expect(await failure(server.client.attach({ vm: "gpu-vm", pci: "09:00.0", id: "" }))).toMatchObject({

@@ -107,8 +107,8 @@ describe("through gRPC: refused before preflight and before any hypervisor reque
     const lines = fs.readFileSync(auditFile, "utf8").trim().split("\n").map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(lines).toEqual(
       expect.arrayContaining([
-        expect.objectContaining({ method: "Attach", vm: "vm", device: "02:00.0", outcome: "DEVICE_NOT_ALLOWED", code: 7 }),
-        expect.objectContaining({ method: "Attach", vm: "vm", device: "01:00.0", id: "gpu0", outcome: "OK", code: 0 }),
+        expect.objectContaining({ method: "Attach", vmRef: "vm", device: "0000:02:00.0", outcome: "DEVICE_NOT_ALLOWED", code: 7 }),
+        expect.objectContaining({ method: "Attach", vm: "vm", device: "0000:01:00.0", id: "gpu0", outcome: "OK", code: 0 }),
       ]),
     );
     for (const line of lines) {

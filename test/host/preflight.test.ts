@@ -35,8 +35,23 @@ test("a vfio-bound device whose group is all vfio passes", async () => {
   await expect(preflight.check(parsePciAddress("01:00.0"))).resolves.toBeUndefined();
 });
 
-test("a group of vfio variants, unbound, pcieport, pci-stub and bridges passes", async () => {
-  await expect(preflight.check(parsePciAddress("05:00.0"))).resolves.toBeUndefined();
+test("before Linux 5.19, a group of vfio variants, unbound, pcieport, pci-stub and bridges on any driver passes", async () => {
+  const old = new HostPreflight(sysfs.root, "5.15.0-91-generic");
+  await expect(old.check(parsePciAddress("05:00.0"))).resolves.toBeUndefined();
+});
+
+test("from Linux 5.19, a bridge in the group keeps it viable only on pcieport, pci-stub or a vfio driver", async () => {
+  for (const release of ["5.19.0", "6.1.0-57-amd64", "10.0.0"]) {
+    const err = await vfiodRejection(new HostPreflight(sysfs.root, release).check(parsePciAddress("05:00.0")));
+    expect({ release, reason: err.reason, offenders: err.meta.offenders }).toEqual({
+      release,
+      reason: "IOMMU_GROUP_NOT_VIABLE",
+      offenders: "0000:05:00.4",
+    });
+    expect(err.message).toContain("0000:05:00.4 (driver shpchp)");
+  }
+  sysfs.setDriver("0000:05:00.4", "pcieport");
+  await expect(new HostPreflight(sysfs.root, "6.1.0").check(parsePciAddress("05:00.0"))).resolves.toBeUndefined();
 });
 
 test("a missing device is DEVICE_NOT_FOUND", async () => {
@@ -78,7 +93,8 @@ test("the group becomes viable once the companion is rebound", async () => {
 test("no iommu_group link (IOMMU off) is refused with how to turn it on", async () => {
   const err = await refusal("06:00.0");
   expect(err.reason).toBe("IOMMU_GROUP_NOT_VIABLE");
-  expect(err.message).toContain("intel_iommu=on");
+  expect(err.message).toContain("IOMMU off or not in a group");
+  for (const parameter of ["intel_iommu=on", "amd_iommu=on", "iommu=off"]) expect(err.message).toContain(parameter);
 });
 
 test.each([

@@ -179,7 +179,7 @@ describe("Inventory over cocoon's fixture", () => {
     expect(errors()[0]).toMatchObject({ path: inventoryFile, err: { message: 'vms[0]: missing "socket"' } });
     const missing = await failure("vm1");
     expect(missing.reason).toBe("VM_NOT_FOUND");
-    expect(missing.message).toBe('vm "vm1" not found; some VM records could not be read (see the vfiod log)');
+    expect(missing.message).toMatch(/^vm "vm1" not found among the 2 VMs vfiod can see \(0 in --inventory .*inventory\.json \(unreadable\); 2 in cocoon root .*\); some VM records could not be read \(see the vfiod log\)$/);
 
     writeAtomic(inventoryFile, staticVms("vm1"));
     expect((await inventory.resolve("vm1")).source).toBe("inventory");
@@ -225,7 +225,10 @@ describe("Inventory static file changes", () => {
   test("missing files mean no VMs, quietly; a file created later is read", async () => {
     expect(await names()).toEqual([]);
     const err = await failure("vm1");
-    expect(err.message).toBe('vm "vm1" not found');
+    // Says where vfiod looked, so a newcomer knows what to configure.
+    expect(err.message).toBe(
+      `vm "vm1" not found among the 0 VMs vfiod can see (--inventory ${inventoryFile} does not exist; cocoon root ${path.join(tmp, "cocoon")} does not exist)`,
+    );
     fs.writeFileSync(inventoryFile, staticVms("vm1"));
     expect(await names()).toEqual(["vm1"]);
     fs.rmSync(inventoryFile);

@@ -8,15 +8,16 @@ const OK = { name: "vm1", hypervisor: "cloud-hypervisor", socket: "/run/vm1/api.
 
 describe("parseInventoryFile", () => {
   test("reads each entry; the id defaults to the name; any hypervisor type is kept", () => {
-    const vms = parseInventoryFile(
+    const { vms, refused } = parseInventoryFile(
       file([OK, { name: "db", id: "db-0001", hypervisor: "qemu", socket: "/run/db/qmp.sock" }, { ...OK, name: "x", hypervisor: "acme-vmm" }]),
     );
+    expect(refused).toEqual([]);
     expect(vms).toEqual([
       { id: "vm1", name: "vm1", hypervisor: "cloud-hypervisor", socket: "/run/vm1/api.sock", source: "inventory", idIsName: true },
       { id: "db-0001", name: "db", hypervisor: "qemu", socket: "/run/db/qmp.sock", source: "inventory" },
       { id: "x", name: "x", hypervisor: "acme-vmm", socket: "/run/vm1/api.sock", source: "inventory", idIsName: true },
     ]);
-    expect(parseInventoryFile('{"vms": []}')).toEqual([]);
+    expect(parseInventoryFile('{"vms": []}')).toEqual({ vms: [], refused: [] });
   });
 
   test.each<[string, string, RegExp]>([
@@ -40,5 +41,24 @@ describe("parseInventoryFile", () => {
     ["an explicit id equal to another entry's defaulted id", file([OK, { ...OK, name: "vm2", id: "vm1" }]), /^vms\[1\]: duplicate id "vm1"/],
   ])("refuses %s, saying what and where", (_what, text, message) => {
     expect(() => parseInventoryFile(text)).toThrow(message);
+  });
+});
+
+describe("hypervisor types vfiod has no backend for", () => {
+  const KNOWN = new Set(["cloud-hypervisor", "qemu", "firecracker"]);
+
+  test("an entry naming one (a typo) is refused alone, naming itself; the others are kept", () => {
+    const { vms, refused } = parseInventoryFile(
+      file([OK, { name: "gpu-node-1", hypervisor: "qmeu", socket: "/run/q.qmp" }, { ...OK, name: "fc", hypervisor: "firecracker" }]),
+      KNOWN,
+    );
+    expect(vms.map((vm) => vm.name)).toEqual(["vm1", "fc"]);
+    expect(refused).toEqual([
+      'vms[1] "gpu-node-1": unknown hypervisor "qmeu" (vfiod knows cloud-hypervisor, qemu, firecracker)',
+    ]);
+  });
+
+  test("without a list of known types every type is kept", () => {
+    expect(parseInventoryFile(file([{ ...OK, hypervisor: "qmeu" }])).vms).toHaveLength(1);
   });
 });

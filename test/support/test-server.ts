@@ -2,23 +2,23 @@
 // TCP port, with a typed client, for tests that drive the gRPC API.
 import * as grpc from "@grpc/grpc-js";
 import { promisify } from "node:util";
-import { defaultBackends } from "../../src/backends/all";
 import type { BackendRegistry } from "../../src/backends/registry";
 import { createDeviceClient, errorReason, type DeviceClient } from "../../src/grpc/client";
-import { createVfiodServer, type VfiodServerOptions } from "../../src/grpc/server";
+import type { VfiodServerOptions } from "../../src/grpc/server";
 import type { DeviceAllowList } from "../../src/host/device-allow-list";
-import { HostPreflight } from "../../src/host/preflight";
-import { Inventory } from "../../src/inventory/inventory";
 import { silentLogger, type Logger } from "../../src/log";
-import { DeviceOperations } from "../../src/service/device-operations";
-import { KeyedLocks } from "../../src/keyed-locks";
+import { assembleVfiod, type Vfiod } from "../../src/vfiod";
 
 export interface TestServerOptions {
   inventoryFile?: string;
   cocoonRoot?: string;
   procRoot?: string;
   sysfsRoot: string;
+  kernelRelease?: string;
   detachTimeoutMs?: number;
+  hypervisorTimeoutMs?: number;
+  /** Starts the background refresh with this interval; without it, none runs (tests count hypervisor requests). */
+  refreshIntervalMs?: number;
   backends?: BackendRegistry;
   allowList?: DeviceAllowList;
   server?: VfiodServerOptions;
@@ -28,40 +28,43 @@ export interface TestServerOptions {
 export interface TestServer {
   readonly address: string;
   readonly client: DeviceClient;
+  readonly vfiod: Vfiod;
   stop(): Promise<void>;
 }
 
 export async function startTestServer(options: TestServerOptions): Promise<TestServer> {
   const log = options.log ?? silentLogger();
-  const operations = new DeviceOperations({
-    inventory: new Inventory({
-      inventoryFile: options.inventoryFile,
-      cocoonRoot: options.cocoonRoot ?? "/nonexistent/cocoon",
-      procRoot: options.procRoot,
-      log,
-    }),
-    backends: options.backends ?? defaultBackends(),
-    host: new HostPreflight(options.sysfsRoot),
-    locks: new KeyedLocks(),
-    detachTimeoutMs: options.detachTimeoutMs ?? 2000,
-    allowList: options.allowList,
+  const vfiod = assembleVfiod({
     log,
+    inventoryFile: options.inventoryFile,
+    cocoonRoot: options.cocoonRoot ?? "/nonexistent/cocoon",
+    procRoot: options.procRoot,
+    sysfsRoot: options.sysfsRoot,
+    kernelRelease: options.kernelRelease,
+    detachTimeoutMs: options.detachTimeoutMs ?? 2000,
+    hypervisorTimeoutMs: options.hypervisorTimeoutMs,
+    refreshIntervalMs: options.refreshIntervalMs,
+    allowList: options.allowList,
+    backends: options.backends,
+    server: options.server,
   });
-  const vfiod = createVfiodServer(operations, log, options.server);
-  const port = await promisify(vfiod.server.bindAsync.bind(vfiod.server))("127.0.0.1:0", grpc.ServerCredentials.createInsecure());
-  vfiod.markServing();
+  const { server } = vfiod.server;
+  const port = await promisify(server.bindAsync.bind(server))("127.0.0.1:0", grpc.ServerCredentials.createInsecure());
+  if (options.refreshIntervalMs !== undefined) vfiod.refresher.start();
+  vfiod.server.markServing();
   const address = `127.0.0.1:${port}`;
   const client = createDeviceClient(address);
   return {
     address,
     client,
+    vfiod,
     stop: async () => {
+      vfiod.refresher.stop();
       client.close();
-      await new Promise<void>((resolve) => vfiod.server.tryShutdown(() => resolve()));
+      await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
     },
   };
 }
-
 /** The gRPC code and ErrorInfo reason of a call that must fail. */
 export async function failure(call: Promise<unknown>): Promise<{ code: number; reason: string | undefined; message: string }> {
   try {
