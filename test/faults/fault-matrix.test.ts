@@ -336,7 +336,7 @@ test("8. QMP monitor hangs up on device_add: UNAVAILABLE saying the device may h
     rootPorts: 2,
     hostDevices: [GPU, AUDIO],
     devices: [{ id: "hostdev0", driver: "vfio-pci", bus: "rp1", sysfsdev: sysfsPath(GPU) }],
-    hangUpOn: "device_add",
+    hangUpBefore: "device_add",
   });
   cleanups.push(() => qmp.close());
   const inventoryFile = writeInventory(dir, { name: "f8", hypervisor: "qemu", socket: qmp.socket });

@@ -240,7 +240,7 @@ describe("QemuBackend against the QMP double", () => {
   });
 
   test("the monitor closing during device_add → UNAVAILABLE, telling the caller to check with List", async () => {
-    const d = await start({ hangUpOn: "device_add" });
+    const d = await start({ hangUpBefore: "device_add" });
     const err = await vfiodRejection(backend.attach(vm, GPU, "", signal()));
     expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(err.message).toContain("device_add: QMP connection closed by QEMU; the device may have been added: List to check");

@@ -169,7 +169,43 @@ describeQemu("QmpClient against real QEMU", () => {
       await double.close();
     }
   });
+  test.each([
+    ["acpi", [{ return: {} }, { return: {} }]],
+    ["native", [{ return: {} }, { error: { class: "GenericError", desc: "Device nic1 is already in the process of unplug" } }]],
+  ] as const)("%s hot-plug: the QMP double answers a repeated device_del like QEMU", async (hotplug, answers) => {
+    // A running VM with no guest OS never acknowledges the unplug of a NIC present at boot.
+    const native = hotplug === "native" ? ["-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"] : [];
+    const vm = await startQemu({ args: ["-device", "e1000e,id=nic1,bus=rp2", ...native] });
+    const double = await QmpDouble.start({ hotplug, unplugAfterMs: null, devices: [{ id: "nic1", driver: "e1000e", bus: "rp2" }] });
+    try {
+      const [real, fake] = await Promise.all([repeatDeviceDel(vm.socket), repeatDeviceDel(double.socket)]);
+      expect(real).toEqual([...answers, "nic1 still held"]);
+      expect(fake).toEqual(real);
+    } finally {
+      await double.close();
+    }
+  });
 });
+
+/** device_del of nic1, again 100 ms later, then whether QEMU still holds it: the answers in order. */
+async function repeatDeviceDel(socket: string): Promise<unknown[]> {
+  const client = await connect(socket);
+  const signal = AbortSignal.timeout(5000);
+  const answer = (command: Promise<unknown>) =>
+    command.then(
+      (value) => ({ return: value }),
+      (err: QmpError) => ({ error: { class: err.qmpClass, desc: err.desc } }),
+    );
+  try {
+    const first = await answer(client.execute("device_del", { id: "nic1" }, signal));
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const second = await answer(client.execute("device_del", { id: "nic1" }, signal));
+    const peripherals = (await client.execute("qom-list", { path: "/machine/peripheral" }, signal)) as { name: string }[];
+    return [first, second, peripherals.some((p) => p.name === "nic1") ? "nic1 still held" : "nic1 gone"];
+  } finally {
+    client.close();
+  }
+}
 
 const CONVERSATION = [
   { execute: "query-status", id: 1 },
@@ -232,7 +268,7 @@ describe("QmpClient against the QMP double", () => {
   });
 
   test("a monitor closing mid-command fails that command with UNAVAILABLE naming it", async () => {
-    double = await QmpDouble.start({ hangUpOn: "query-pci" });
+    double = await QmpDouble.start({ hangUpBefore: "query-pci" });
     const client = await connect(double.socket);
     const err = await vfiodRejection(client.execute("query-pci", undefined, AbortSignal.timeout(5000)));
     expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
