@@ -10,6 +10,7 @@ import { parsePciAddress } from "../../../src/pci/address";
 import { QmpDouble, type QmpDoubleOptions } from "../../support/qmp-double";
 import { qemuAvailable, startQemu, stopAllQemu } from "../../support/qemu-vm";
 import { vfiodRejection } from "../../support/rejection";
+import { waitFor } from "../../support/wait";
 
 const signal = (ms = 10_000) => AbortSignal.timeout(ms);
 
@@ -195,8 +196,8 @@ describe("QemuBackend against the QMP double", () => {
     await expect(backend.list(vm, signal())).resolves.toEqual([]);
   });
 
-  test("a guest that never releases → DETACH_PENDING within waitMs; a repeated Detach only waits again", async () => {
-    const d = await start({ unplugAfterMs: null });
+  test("ACPI hot-plug, a guest that never releases → DETACH_PENDING after waitMs; a repeated Detach only waits again", async () => {
+    const d = await start({ hotplug: "acpi", unplugAfterMs: null });
     await backend.attach(vm, GPU, "gpu0", signal());
     for (let attempt = 0; attempt < 2; attempt++) {
       const started = Date.now();
@@ -215,14 +216,27 @@ describe("QemuBackend against the QMP double", () => {
     expect(d.commands("device_del")).toHaveLength(1);
   });
 
-  test("a removal QEMU already has in progress counts as pending, not as an error", async () => {
-    const d = await start({ unplugAfterMs: null });
+  test("ACPI hot-plug: after DETACH_PENDING a second Detach sends no device_del and completes when the guest acks", async () => {
+    // QEMU would accept a repeat ({} and the guest notified again): vfiod must not rely on that, nor send one.
+    const d = await start({ hotplug: "acpi", unplugAfterMs: null });
     await backend.attach(vm, GPU, "gpu0", signal());
-    await expect(backend.detach(vm, "gpu0", 100, signal())).rejects.toMatchObject({ reason: "DETACH_PENDING" });
-    // A restarted vfiod has forgotten the pending removal and asks again.
-    const restarted = new QemuBackend({ pollIntervalMs: 100 });
-    await expect(restarted.detach(vm, "gpu0", 100, signal())).rejects.toMatchObject({ reason: "DETACH_PENDING" });
-    expect(d.commands("device_del")).toHaveLength(2);
+    await expect(backend.detach(vm, "gpu0", 200, signal())).rejects.toMatchObject({
+      reason: "DETACH_PENDING",
+      code: Code.DEADLINE_EXCEEDED,
+    });
+    expect(d.answersTo("device_del")).toEqual([{ return: {} }]);
+
+    const before = d.log.length;
+    const again = backend.detach(vm, "gpu0", 30_000, signal(40_000));
+    // The guest acks only once the second Detach waits: it has read the device (qom-get), then polled (qom-list).
+    await waitFor(() => {
+      const since = d.log.slice(before).map((c) => c.execute);
+      return since.includes("qom-get") && since.lastIndexOf("qom-list") > since.indexOf("qom-get");
+    }, "the second Detach waits for the guest");
+    d.completeUnplugs();
+    await expect(again).resolves.toBeUndefined();
+    expect(d.commands("device_del")).toHaveLength(1);
+    await expect(backend.list(vm, signal())).resolves.toEqual([]);
   });
 
   test("the caller's deadline during the wait → DETACH_PENDING; a cancelled call → CANCELLED", async () => {
@@ -239,11 +253,25 @@ describe("QemuBackend against the QMP double", () => {
     await expect(backend.detach(vm, "gpu0", 10_000, call.signal)).rejects.toMatchObject({ code: Code.CANCELLED });
   });
 
-  test("the monitor closing during device_add → UNAVAILABLE, telling the caller to check with List", async () => {
-    const d = await start({ hangUpBefore: "device_add" });
+  test("device_add ran but its reply was lost (monitor closed after it) → UNAVAILABLE 'may have been added'; List shows it", async () => {
+    const d = await start({ hangUpAfter: "device_add" });
     const err = await vfiodRejection(backend.attach(vm, GPU, "", signal()));
     expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
     expect(err.message).toContain("device_add: QMP connection closed by QEMU; the device may have been added: List to check");
+    expect(d.answersTo("device_add")).toEqual(["hung up"]);
+    const listed = await backend.list(vm, signal());
+    expect(listed).toEqual([{ id: "hostdev0", bdf: GPU.bdf, path: GPU.path, guestBdf: "0000:01:00.0" }]);
+    // The caller's retry with the id List showed is the idempotent answer: no second device_add.
+    await expect(backend.attach(vm, GPU, "hostdev0", signal())).resolves.toEqual(listed[0]);
     expect(d.commands("device_add")).toHaveLength(1);
+  });
+
+  test("the monitor closing before it ran device_add → the same UNAVAILABLE; List shows nothing added", async () => {
+    const d = await start({ hangUpBefore: "device_add" });
+    const err = await vfiodRejection(backend.attach(vm, GPU, "", signal()));
+    expect(err).toMatchObject({ reason: "HYPERVISOR_UNAVAILABLE", code: Code.UNAVAILABLE });
+    expect(err.message).toContain("the device may have been added: List to check");
+    expect(d.commands("device_add")).toHaveLength(1);
+    await expect(backend.list(vm, signal())).resolves.toEqual([]);
   });
 });
