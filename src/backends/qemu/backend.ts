@@ -29,8 +29,15 @@ const DEVICE_ADD_REFUSALS: readonly (readonly [string, Reason])[] = [
   ["no such host device", "DEVICE_NOT_FOUND"],
 ];
 
-/** device_del while a removal is pending (qemu-qmp.md §4, native PCIe hot-plug). */
-const UNPLUG_IN_PROGRESS = "already in the process of unplug";
+/**
+ * device_del refusals that mean a removal is already under way (qemu-qmp.md §4, native
+ * PCIe hot-plug): a repeat within 5 s of the request (qdev-monitor.c), and a later one
+ * while the guest blinks the slot's power indicator on its way to releasing it (hw/pci/pcie.c).
+ */
+const UNPLUG_UNDER_WAY: readonly string[] = [
+  "already in the process of unplug",
+  "guest is busy (power indicator blinking)",
+];
 
 interface QomProperty {
   readonly name: string;
@@ -290,7 +297,7 @@ class Monitor {
       return "requested";
     } catch (err) {
       if (!(err instanceof QmpError)) throw err;
-      if (err.desc.includes(UNPLUG_IN_PROGRESS)) return "requested";
+      if (UNPLUG_UNDER_WAY.some((fragment) => err.desc.includes(fragment))) return "requested";
       if (err.qmpClass === "DeviceNotFound") return "gone";
       throw new VfiodError("HYPERVISOR_ERROR", err.message, { meta: { vm: this.vmId, id, qmpClass: err.qmpClass }, cause: err });
     }

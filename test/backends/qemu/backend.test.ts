@@ -239,6 +239,43 @@ describe("QemuBackend against the QMP double", () => {
     await expect(backend.list(vm, signal())).resolves.toEqual([]);
   });
 
+  describe.each([
+    ["already in the process of unplug", 60_000, "Device gpu0 is already in the process of unplug"],
+    ["guest is busy", 0, "Hot-unplug failed: guest is busy (power indicator blinking)"],
+  ])("native PCIe hot-plug, a restarted vfiod's device_del answered %j", (_name, nativeUnplugRepeatMs, desc) => {
+    // A restarted vfiod has forgotten the removal it asked for: it sends device_del again,
+    // and QEMU's refusal means that removal is under way, not that Detach failed.
+    const restartedDetach = (waitMs: number, callSignal = signal()) =>
+      new QemuBackend({ pollIntervalMs: 100 }).detach(vm, "gpu0", waitMs, callSignal);
+    const startPending = async () => {
+      const d = await start({ hotplug: "native", nativeUnplugRepeatMs, unplugAfterMs: null });
+      await backend.attach(vm, GPU, "gpu0", signal());
+      await expect(backend.detach(vm, "gpu0", 100, signal())).rejects.toMatchObject({ reason: "DETACH_PENDING" });
+      return d;
+    };
+
+    test("Detach waits, then answers DETACH_PENDING (DEADLINE_EXCEEDED), never HYPERVISOR_ERROR", async () => {
+      const d = await startPending();
+      const started = Date.now();
+      const err = await vfiodRejection(restartedDetach(400));
+      const elapsed = Date.now() - started;
+      expect(d.answersTo("device_del")).toEqual([{ return: {} }, { error: { class: "GenericError", desc } }]);
+      expect(err).toMatchObject({ reason: "DETACH_PENDING", code: Code.DEADLINE_EXCEEDED, meta: { id: "gpu0" } });
+      expect(elapsed).toBeGreaterThanOrEqual(390);
+      await expect(backend.list(vm, signal())).resolves.toHaveLength(1);
+    });
+
+    test("Detach waits, then answers OK when the guest acks", async () => {
+      const d = await startPending();
+      const detaching = restartedDetach(30_000, signal(40_000));
+      await waitFor(() => d.commands("device_del").length === 2, "the restarted vfiod sends device_del");
+      d.completeUnplugs();
+      await expect(detaching).resolves.toBeUndefined();
+      expect(d.answersTo("device_del")).toEqual([{ return: {} }, { error: { class: "GenericError", desc } }]);
+      await expect(backend.list(vm, signal())).resolves.toEqual([]);
+    });
+  });
+
   test("the caller's deadline during the wait → DETACH_PENDING; a cancelled call → CANCELLED", async () => {
     await start({ unplugAfterMs: null });
     await backend.attach(vm, GPU, "gpu0", signal());
