@@ -7,15 +7,19 @@ import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import type { VmRecord } from "../../src/inventory/vm";
+import { skipOutsideCi } from "./skip";
 
 const QEMU = "qemu-system-x86_64";
 const START_TIMEOUT_MS = 15_000;
 
-/** Whether QEMU can run here; when not, says why so skipped tests are explained. */
+/**
+ * Whether QEMU can run here; when not, says why so skipped tests are explained.
+ * @throws in CI when it cannot (./skip.ts).
+ */
 export function qemuAvailable(): boolean {
   const probe = spawnSync(QEMU, ["--version"], { encoding: "utf8" });
   if (probe.error === undefined && probe.status === 0) return true;
-  console.warn(`skipping real-QEMU tests: ${QEMU} --version failed (${probe.error?.message ?? probe.stderr.trim()})`);
+  skipOutsideCi("real-QEMU tests", `${QEMU} --version failed (${probe.error?.message ?? probe.stderr.trim()})`);
   return false;
 }
 
