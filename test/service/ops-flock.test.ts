@@ -14,18 +14,11 @@ import { withOpsFlock } from "../../src/service/ops-flock";
 import { ChDouble } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { vfiodRejection } from "../support/rejection";
-import { skipOutsideCi } from "../support/skip";
+import { commandRuns } from "../support/skip";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
 import { waitFor } from "../support/wait";
 
-function flockAvailable(): boolean {
-  const probe = spawnSync("flock", ["--version"], { encoding: "utf8" });
-  if (probe.error === undefined && probe.status === 0) return true;
-  skipOutsideCi("ops flock tests", `the flock command (util-linux) does not run (${probe.error?.message ?? probe.stderr.trim()})`);
-  return false;
-}
-
-const describeFlock = flockAvailable() ? describe : describe.skip;
+const describeFlock = commandRuns("flock", ["--version"], "ops flock tests (flock(1) is util-linux's)") ? describe : describe.skip;
 
 interface Holder {
   /** Lets the other process go; resolves once it has exited, its lock released by the kernel. */

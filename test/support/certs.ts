@@ -3,20 +3,14 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
-import { skipOutsideCi } from "./skip";
+import { commandRuns } from "./skip";
 
 /**
  * Whether the openssl CLI runs here; when not, says why so skipped tests are explained.
  * @throws in CI when it does not (./skip.ts).
  */
 export function opensslAvailable(): boolean {
-  try {
-    execFileSync("openssl", ["version"], { stdio: "ignore" });
-    return true;
-  } catch (err) {
-    skipOutsideCi("TLS tests", `the openssl CLI does not run (${(err as Error).message})`);
-    return false;
-  }
+  return commandRuns("openssl", ["version"], "TLS tests");
 }
 
 export interface Pki {

@@ -1,13 +1,13 @@
 // Launches a real QEMU for tests: q35 under TCG (nested KVM here cannot boot a
 // guest, qemu-qmp.md §2), a QMP socket, N spare pcie-root-ports. Every VM is
 // killed and its directory removed by stop()/stopAllQemu(), and on process exit.
-import { type ChildProcess, spawn, spawnSync } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import type { VmRecord } from "../../src/inventory/vm";
-import { skipOutsideCi } from "./skip";
+import { commandRuns } from "./skip";
 
 const QEMU = "qemu-system-x86_64";
 const START_TIMEOUT_MS = 15_000;
@@ -17,10 +17,7 @@ const START_TIMEOUT_MS = 15_000;
  * @throws in CI when it cannot (./skip.ts).
  */
 export function qemuAvailable(): boolean {
-  const probe = spawnSync(QEMU, ["--version"], { encoding: "utf8" });
-  if (probe.error === undefined && probe.status === 0) return true;
-  skipOutsideCi("real-QEMU tests", `${QEMU} --version failed (${probe.error?.message ?? probe.stderr.trim()})`);
-  return false;
+  return commandRuns(QEMU, ["--version"], "real-QEMU tests");
 }
 
 export interface QemuVmOptions {

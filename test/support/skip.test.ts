@@ -1,6 +1,6 @@
 // The one rule for tests that lack something on this machine: skip, saying why,
 // except in CI (CI=true), where the run must fail instead.
-import { inCi, skipOutsideCi } from "./skip";
+import { commandRuns, inCi, skipOutsideCi } from "./skip";
 
 describe("skipOutsideCi", () => {
   const saved = process.env.CI;
@@ -29,5 +29,33 @@ describe("skipOutsideCi", () => {
       "TLS tests cannot run: the openssl CLI does not run; in CI (CI=true) that is a failure, not a skip",
     );
     expect(warn).not.toHaveBeenCalled();
+  });
+});
+
+describe("commandRuns", () => {
+  const saved = process.env.CI;
+  afterEach(() => {
+    if (saved === undefined) delete process.env.CI;
+    else process.env.CI = saved;
+  });
+
+  test("a command that runs is true, in CI or not", () => {
+    process.env.CI = "true";
+    expect(commandRuns(process.execPath, ["--version"], "node tests")).toBe(true);
+  });
+
+  test("a missing command skips outside CI and fails in CI, naming it", () => {
+    const warn = jest.spyOn(console, "warn").mockImplementation(() => undefined);
+    try {
+      delete process.env.CI;
+      expect(commandRuns("vfiod-no-such-command", ["--version"], "some tests")).toBe(false);
+      expect(warn).toHaveBeenCalledWith(expect.stringMatching(/^skipping some tests: vfiod-no-such-command --version failed \(.*ENOENT\)$/));
+      process.env.CI = "true";
+      expect(() => commandRuns("vfiod-no-such-command", ["--version"], "some tests")).toThrow(
+        /^some tests cannot run: vfiod-no-such-command --version failed .*; in CI \(CI=true\) that is a failure, not a skip$/,
+      );
+    } finally {
+      warn.mockRestore();
+    }
   });
 });
