@@ -27,8 +27,11 @@ import { waitFor } from "../support/wait";
 const FAST_MS = 5_000;
 /** Deadline of calls that must run out of time. */
 const SHORT_MS = 1_000;
-/** How late past a deadline an answer may come on a loaded 2-core machine. */
-const LATE_MS = 800;
+/**
+ * The latest an answer due at the SHORT_MS deadline may come: 4x, for a loaded 2-core
+ * machine (the lab beside the tests). Cases assert order and outcome; this only says "not stuck".
+ */
+const DUE_AT_DEADLINE_MS = 4 * SHORT_MS;
 
 const GPU = "0000:01:00.0";
 const AUDIO = "0000:01:00.1";
@@ -223,10 +226,10 @@ test("3. CH hangs on vm.info: DEADLINE_EXCEEDED at the deadline, and no add-devi
   record("3. CH hangs (vm.info)", failed, `${answered.outcome} (code ${grpc.status[answered.code]}) after ${answered.ms} ms`);
   expect(failed.code).toBe(grpc.status.DEADLINE_EXCEEDED);
   expect(failed.ms).toBeGreaterThanOrEqual(SHORT_MS - 100);
-  expect(failed.ms).toBeLessThan(SHORT_MS + LATE_MS);
-  // The client's own deadline answers it; the server gave up on CH at that deadline too, not later.
+  expect(failed.ms).toBeLessThan(DUE_AT_DEADLINE_MS);
+  // The client's own deadline answers it; the server gave up on CH at that deadline too (a hung CH never answers).
   expect(answered.outcome).toBe("HYPERVISOR_UNAVAILABLE");
-  expect(answered.ms).toBeLessThan(SHORT_MS + LATE_MS);
+  expect(answered.ms).toBeLessThan(DUE_AT_DEADLINE_MS);
   // The server records CANCELLED when the client's RST_STREAM at its deadline arrives before the
   // server's own deadline timer (src/grpc/adapter.ts callSignal cannot tell them apart): either is seen.
   expect([grpc.status.DEADLINE_EXCEEDED, grpc.status.CANCELLED]).toContain(answered.code);
@@ -306,9 +309,12 @@ test("7. CH add-device slower than the deadline: DEADLINE_EXCEEDED at ~1 s; CH f
   ch.inject("vm.add-device", { kind: "delay", ms: delayMs });
 
   const failed = await timedFailure(() => server.client.attach({ vm: "f7", pci: GPU, id: "gpu0" }, { timeoutMs: SHORT_MS }));
+  // The caller is answered at its deadline, before CH finishes the add: nothing logged the attach yet.
+  const attachedBeforeAnswer = lines.some((line) => line.msg === "device attached");
   expect(failed.code).toBe(grpc.status.DEADLINE_EXCEEDED);
+  expect(attachedBeforeAnswer).toBe(false);
   expect(failed.ms).toBeGreaterThanOrEqual(SHORT_MS - 100);
-  expect(failed.ms).toBeLessThan(SHORT_MS + LATE_MS);
+  expect(failed.ms).toBeLessThan(DUE_AT_DEADLINE_MS);
   expect(addDevices(ch)).toHaveLength(1);
 
   // By design (src/backends/sent-request.ts) vfiod reads a sent add-device to its outcome, holding
@@ -329,14 +335,14 @@ test("7. CH add-device slower than the deadline: DEADLINE_EXCEEDED at ~1 s; CH f
 
 // ---- QEMU monitor double ----
 
-test("8. QMP monitor hangs up on device_add: UNAVAILABLE saying the device may have been added; List matches QEMU", async () => {
+test("8. QMP monitor closes after running device_add (lost reply): UNAVAILABLE saying the device may have been added; List shows it", async () => {
   const dir = tempDir();
   const sysfs = fakeSysfs();
   const qmp = await QmpDouble.start({
     rootPorts: 2,
     hostDevices: [GPU, AUDIO],
     devices: [{ id: "hostdev0", driver: "vfio-pci", bus: "rp1", sysfsdev: sysfsPath(GPU) }],
-    hangUpOn: "device_add",
+    hangUpAfter: "device_add",
   });
   cleanups.push(() => qmp.close());
   const inventoryFile = writeInventory(dir, { name: "f8", hypervisor: "qemu", socket: qmp.socket });
@@ -344,16 +350,23 @@ test("8. QMP monitor hangs up on device_add: UNAVAILABLE saying the device may h
   cleanups.push(() => server.stop());
 
   const failed = await timedFailure(() => server.client.attach({ vm: "f8", pci: AUDIO, id: "gpu1" }, { timeoutMs: FAST_MS }));
-  record("8. QMP closes mid-command (device_add)", failed);
+  record("8. QMP closes after running device_add", failed);
   expect(failed).toMatchObject({ code: grpc.status.UNAVAILABLE, reason: "HYPERVISOR_UNAVAILABLE" });
   expect(failed.message).toContain("device_add");
-  expect(failed.message).toContain("List to check");
+  expect(failed.message).toContain("the device may have been added: List to check");
   expect(failed.ms).toBeLessThan(FAST_MS);
-  expect(qmp.commands("device_add")).toHaveLength(1);
+  expect(qmp.answersTo("device_add")).toEqual(["hung up"]);
 
+  // QEMU did add it; vfiod must say so, not pretend otherwise.
   const held = await qmpHolds(qmp.socket);
-  expect(held).toEqual([{ id: "hostdev0", bdf: GPU }]);
+  expect(held).toEqual([
+    { id: "gpu1", bdf: AUDIO },
+    { id: "hostdev0", bdf: GPU },
+  ]);
   expect(await listed(server.client, "f8", false)).toEqual(held);
+  // The caller's retry is the idempotent OK, and device_add was never repeated.
+  const { device } = await server.client.attach({ vm: "f8", pci: AUDIO, id: "gpu1" }, { timeoutMs: FAST_MS });
+  expect(device).toMatchObject({ id: "gpu1", bdf: AUDIO });
   expect(qmp.commands("device_add")).toHaveLength(1);
 });
 

@@ -1,12 +1,14 @@
 // The VFIO lab (README.md here) under npm test: lab.sh boots a TCG guest with an
 // emulated IOMMU, binds its emulated devices to vfio-pci, and l1-driver.ts drives
 // a real vfiod over gRPC against real QEMU guests. Each expectation is asserted on
-// result.json on its own. Skipped, saying why, without root, without QEMU, with
-// VFIOD_SKIP_LAB=1, or (outside CI only) when the Debian archive is out of reach.
+// result.json on its own. Skipped, saying why, with VFIOD_SKIP_LAB=1 (an explicit
+// opt-out, also in CI); outside CI also without root, without QEMU or when the Debian
+// archive is out of reach, which in CI (CI=true) fail instead (../support/skip.ts).
 import { status } from "@grpc/grpc-js";
 import { spawn, spawnSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import { skipOutsideCi } from "../support/skip";
 import type { LabResult, Step, StepName, StepValues } from "./result";
 
 const LAB_SH = path.join(__dirname, "lab.sh");
@@ -15,18 +17,25 @@ const RESULT = path.join(LAB_ENV.VFIOD_LAB_DIR, "out", "result.json");
 /** Above lab.sh's own bound on L1 (480 s) plus a first download; lab.sh is stopped then. */
 const LAB_MS = 14 * 60_000;
 
+/** Why the lab cannot run here, or undefined. @throws in CI, for anything but VFIOD_SKIP_LAB=1. */
 function whySkip(): string | undefined {
-  if (process.env.VFIOD_SKIP_LAB === "1") return "VFIOD_SKIP_LAB=1";
-  if (process.getuid?.() !== 0) return "not root: L1 reads this machine's whole root over 9p";
+  if (process.env.VFIOD_SKIP_LAB === "1") {
+    process.stderr.write("VFIO lab skipped: VFIOD_SKIP_LAB=1\n");
+    return "VFIOD_SKIP_LAB=1";
+  }
+  const missing = (why: string): string => {
+    skipOutsideCi("the VFIO lab", why);
+    return why;
+  };
+  if (process.getuid?.() !== 0) return missing("not root: L1 reads this machine's whole root over 9p");
   const onPath = (bin: string) =>
     (process.env.PATH ?? "").split(":").some((dir) => dir !== "" && fs.existsSync(path.join(dir, bin)));
-  if (!onPath("qemu-system-x86_64")) return "qemu-system-x86_64 is not installed";
+  if (!onPath("qemu-system-x86_64")) return missing("qemu-system-x86_64 is not installed");
   // Decided here because jest cannot skip once a test runs. Cached after the first time.
   const fetch = spawnSync("bash", [LAB_SH, "fetch"], { env: LAB_ENV, encoding: "utf8", timeout: 10 * 60_000 });
-  // In CI the archive must be reachable: the lab runs and fails on the fetch.
-  if (fetch.status === 0 || process.env.CI === "true") return undefined;
+  if (fetch.status === 0) return undefined;
   const said = (fetch.stdout.trim() || fetch.stderr.trim() || fetch.error?.message || "no output").split("\n").pop();
-  return `cannot fetch the Debian kernel and busybox: ${said}`;
+  return missing(`cannot fetch the Debian kernel and busybox: ${said}`);
 }
 
 interface LabRun {
@@ -70,7 +79,6 @@ function must(condition: boolean, message: string): asserts condition {
 }
 
 const skip = whySkip();
-if (skip !== undefined) process.stderr.write(`VFIO lab skipped: ${skip}\n`);
 const describeLab = skip === undefined ? describe : describe.skip;
 
 describeLab(`VFIO lab${skip === undefined ? "" : ` (skipped: ${skip})`}`, () => {

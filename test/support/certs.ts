@@ -3,14 +3,14 @@
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import path from "node:path";
+import { commandRuns } from "./skip";
 
+/**
+ * Whether the openssl CLI runs here; when not, says why so skipped tests are explained.
+ * @throws in CI when it does not (./skip.ts).
+ */
 export function opensslAvailable(): boolean {
-  try {
-    execFileSync("openssl", ["version"], { stdio: "ignore" });
-    return true;
-  } catch {
-    return false;
-  }
+  return commandRuns("openssl", ["version"], "TLS tests");
 }
 
 export interface Pki {

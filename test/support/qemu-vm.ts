@@ -1,22 +1,23 @@
 // Launches a real QEMU for tests: q35 under TCG (nested KVM here cannot boot a
 // guest, qemu-qmp.md §2), a QMP socket, N spare pcie-root-ports. Every VM is
 // killed and its directory removed by stop()/stopAllQemu(), and on process exit.
-import { type ChildProcess, spawn, spawnSync } from "node:child_process";
+import { type ChildProcess, spawn } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import type { VmRecord } from "../../src/inventory/vm";
+import { commandRuns } from "./skip";
 
 const QEMU = "qemu-system-x86_64";
 const START_TIMEOUT_MS = 15_000;
 
-/** Whether QEMU can run here; when not, says why so skipped tests are explained. */
+/**
+ * Whether QEMU can run here; when not, says why so skipped tests are explained.
+ * @throws in CI when it cannot (./skip.ts).
+ */
 export function qemuAvailable(): boolean {
-  const probe = spawnSync(QEMU, ["--version"], { encoding: "utf8" });
-  if (probe.error === undefined && probe.status === 0) return true;
-  console.warn(`skipping real-QEMU tests: ${QEMU} --version failed (${probe.error?.message ?? probe.stderr.trim()})`);
-  return false;
+  return commandRuns(QEMU, ["--version"], "real-QEMU tests");
 }
 
 export interface QemuVmOptions {

@@ -1,7 +1,8 @@
 // A fake QEMU monitor for what real QEMU cannot show here without VFIO hardware:
-// a vfio-pci that realizes, DEVICE_DELETED after a delay or never, a monitor
-// that hangs up mid-command or never greets. It speaks QMP as qemu-qmp.md §1
-// measured it and replays the error texts of §3-§4 verbatim.
+// a vfio-pci that realizes, DEVICE_DELETED after a delay or never, a guest that
+// blinks through a native PCIe unplug, a monitor that hangs up before or after
+// running a command, or never greets. It speaks QMP as qemu-qmp.md §1 measured
+// it and replays the error texts of §3-§4 verbatim.
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
@@ -20,8 +21,22 @@ export interface QmpDoubleOptions {
   readonly devices?: readonly { readonly id: string; readonly driver: string; readonly bus: string; readonly sysfsdev?: string }[];
   /** When the guest acknowledges a device_del; null: never (default 50 ms). */
   readonly unplugAfterMs?: number | null;
-  /** A command that makes the monitor hang up instead of replying. */
-  readonly hangUpOn?: string;
+  /**
+   * How the root ports hot-plug (qemu-qmp.md §2, §4), which decides the answer to a
+   * device_del repeated while the guest has not acknowledged the first:
+   * - "acpi" (default; q35 in 7.2): `{}`, and the request is sent to the guest again;
+   * - "native" PCIe: within `nativeUnplugRepeatMs` of the request "Device X is already
+   *   in the process of unplug" (qdev-monitor.c), later "Hot-unplug failed: guest is busy
+   *   (power indicator blinking)" (hw/pci/pcie.c): the double's guest blinks until it acks.
+   *   (A VM with no guest OS never blinks; QEMU then presses the button again: not modelled.)
+   */
+  readonly hotplug?: "acpi" | "native";
+  /** Native hot-plug: how long a pending device_del refuses repeats as "already in the process of unplug" (QEMU: 5000 ms). */
+  readonly nativeUnplugRepeatMs?: number;
+  /** A command the monitor runs and then closes on without replying: it took effect, its reply is lost. */
+  readonly hangUpAfter?: string;
+  /** A command the monitor closes on without running it: written just before QEMU went away (§1). */
+  readonly hangUpBefore?: string;
   /** false: a monitor that accepts connections and never greets. */
   readonly greets?: boolean;
 }
@@ -30,7 +45,8 @@ interface Device {
   readonly driver: string;
   readonly bus: string;
   readonly sysfsdev?: string;
-  unplugging: boolean;
+  /** When the first device_del was accepted (Date.now()); undefined: no removal pending. */
+  unplugRequestedAt?: number;
 }
 
 interface Session {
@@ -39,13 +55,20 @@ interface Session {
   negotiated: boolean;
 }
 
-type Reply = { return: unknown } | { error: { class: string; desc: string } };
+export type QmpReply = { return: unknown } | { error: { class: string; desc: string } };
+/** What the double did with a command: its reply, or "hung up" when it closed instead (before or after running it). */
+export type QmpAnswer = QmpReply | "hung up";
+
+/** pcie.c: a native unplug request blocks repeats for 5 s (pending_deleted_expires_ms). */
+const NATIVE_UNPLUG_REPEAT_MS = 5000;
 
 const QEMU_ID = /^[A-Za-z][A-Za-z0-9._-]*$/;
 
 export class QmpDouble {
   /** Every command received, in order, including refused ones. */
   readonly log: { execute: string; arguments?: Record<string, unknown> }[] = [];
+  /** What the double answered each command of `log`, at the same index. */
+  readonly answers: QmpAnswer[] = [];
   readonly socket: string;
 
   private readonly status: string;
@@ -63,7 +86,7 @@ export class QmpDouble {
     this.socket = path.join(dir, "qmp.sock");
     this.status = options.status ?? "running";
     this.ports = Array.from({ length: options.rootPorts ?? 2 }, (_, i) => `rp${i + 1}`);
-    for (const d of options.devices ?? []) this.devices.set(d.id, { ...d, unplugging: false });
+    for (const d of options.devices ?? []) this.devices.set(d.id, { ...d });
   }
 
   static async start(options: QmpDoubleOptions = {}): Promise<QmpDouble> {
@@ -83,9 +106,14 @@ export class QmpDouble {
     return this.log.filter((c) => c.execute === execute);
   }
 
+  /** What the double answered to the commands received with this name, in order. */
+  answersTo(execute: string): QmpAnswer[] {
+    return this.answers.filter((_, i) => this.log[i]?.execute === execute);
+  }
+
   /** The guest acknowledges every pending removal now; with no client connected the events are lost, as in QEMU. */
   completeUnplugs(): void {
-    for (const [id, device] of this.devices) if (device.unplugging) this.remove(id);
+    for (const [id, device] of this.devices) if (device.unplugRequestedAt !== undefined) this.remove(id);
   }
 
   async close(): Promise<void> {
@@ -143,16 +171,23 @@ export class QmpDouble {
       }
       const execute = String(request.execute);
       this.log.push(request.arguments === undefined ? { execute } : { execute, arguments: request.arguments });
-      if (execute === this.options.hangUpOn) {
+      if (execute === this.options.hangUpBefore) {
+        this.answers.push("hung up");
         session.socket.destroy();
         return;
       }
       const reply = this.run(session, execute, request.arguments ?? {});
+      if (execute === this.options.hangUpAfter) {
+        this.answers.push("hung up");
+        session.socket.destroy();
+        return;
+      }
+      this.answers.push(reply);
       this.send(session, request.id === undefined ? reply : { ...reply, id: request.id });
     }
   }
 
-  private run(session: Session, execute: string, args: Record<string, unknown>): Reply {
+  private run(session: Session, execute: string, args: Record<string, unknown>): QmpReply {
     if (execute === "qmp_capabilities") {
       if (session.negotiated) return fail("CommandNotFound", "Capabilities negotiation is already complete, command ignored");
       session.negotiated = true;
@@ -177,7 +212,7 @@ export class QmpDouble {
     }
   }
 
-  private qomList(at: string): Reply {
+  private qomList(at: string): QmpReply {
     if (at === "/machine/peripheral") {
       const children = [
         ...this.ports.map((name) => ({ name, type: "child<pcie-root-port>" })),
@@ -200,7 +235,7 @@ export class QmpDouble {
     };
   }
 
-  private qomGet(at: string, property: string): Reply {
+  private qomGet(at: string, property: string): QmpReply {
     const id = /^\/machine\/peripheral\/([^/]+)$/.exec(at)?.[1] ?? "";
     const driver = this.devices.get(id)?.driver ?? (this.ports.includes(id) ? "pcie-root-port" : undefined);
     if (driver === undefined) return fail("DeviceNotFound", `Device '${at}' not found`);
@@ -213,7 +248,7 @@ export class QmpDouble {
     return fail("GenericError", `Property '${driver}.${property}' not found`);
   }
 
-  private deviceAdd(args: Record<string, unknown>): Reply {
+  private deviceAdd(args: Record<string, unknown>): QmpReply {
     const id = String(args.id);
     const bus = args.bus === undefined ? "pcie.0" : String(args.bus);
     const driver = String(args.driver);
@@ -236,16 +271,15 @@ export class QmpDouble {
       const group = this.options.nonViable?.[bdf];
       if (group !== undefined) return fail("GenericError", `vfio ${bdf}: group ${group} is not viable`);
     }
-    this.devices.set(id, { driver, bus, sysfsdev, unplugging: false });
+    this.devices.set(id, { driver, bus, sysfsdev });
     return { return: {} };
   }
 
-  private deviceDel(id: string): Reply {
+  private deviceDel(id: string): QmpReply {
     const device = this.devices.get(id);
     if (device === undefined) return fail("DeviceNotFound", `Device '${id}' not found`);
-    // Native PCIe hot-plug's answer to a repeat while the guest has not acked (§4).
-    if (device.unplugging) return fail("GenericError", `Device ${id} is already in the process of unplug`);
-    device.unplugging = true;
+    if (device.unplugRequestedAt !== undefined) return this.repeatedDeviceDel(id, device.unplugRequestedAt);
+    device.unplugRequestedAt = Date.now();
     const after = this.options.unplugAfterMs === undefined ? 50 : this.options.unplugAfterMs;
     if (after !== null) {
       const timer = setTimeout(() => {
@@ -255,6 +289,19 @@ export class QmpDouble {
       this.timers.add(timer);
     }
     return { return: {} };
+  }
+
+  /** A device_del while the guest has not acknowledged the first one (§4). */
+  private repeatedDeviceDel(id: string, requestedAt: number): QmpReply {
+    // ACPI (Debian's 7.2.22, "acpi: pcihp: allow repeating hot-unplug requests"): the guest
+    // is notified again. The guest removal already scheduled stays the one that completes.
+    if ((this.options.hotplug ?? "acpi") === "acpi") return { return: {} };
+    // Native PCIe: qmp_device_del refuses while pending_deleted_expires_ms lies ahead; after
+    // that pcie_cap_slot_unplug_request_cb refuses while the guest blinks the power indicator.
+    if (Date.now() < requestedAt + (this.options.nativeUnplugRepeatMs ?? NATIVE_UNPLUG_REPEAT_MS)) {
+      return fail("GenericError", `Device ${id} is already in the process of unplug`);
+    }
+    return fail("GenericError", "Hot-unplug failed: guest is busy (power indicator blinking)");
   }
 
   private remove(id: string): void {
@@ -301,7 +348,7 @@ export class QmpDouble {
   }
 }
 
-function fail(qmpClass: string, desc: string): Reply {
+function fail(qmpClass: string, desc: string): QmpReply {
   return { error: { class: qmpClass, desc } };
 }
 

@@ -38,10 +38,15 @@ const DEVICE_ADD_REFUSALS: readonly (readonly [string, Reason])[] = [
   ["no such host device", "DEVICE_NOT_FOUND"],
 ];
 
-/** device_del while a removal is pending (qemu-qmp.md §4, native PCIe hot-plug). */
-const UNPLUG_IN_PROGRESS = "already in the process of unplug";
-/** device_del while the guest still blinks the power indicator of an earlier one (§4). */
-const GUEST_BUSY = "guest is busy";
+/**
+ * device_del refusals that mean a removal is already under way (qemu-qmp.md §4, native
+ * PCIe hot-plug): a repeat within 5 s of the request (qdev-monitor.c), and a later one
+ * while the guest blinks the slot's power indicator on its way to releasing it (hw/pci/pcie.c).
+ */
+const UNPLUG_UNDER_WAY: readonly string[] = [
+  "already in the process of unplug",
+  "guest is busy (power indicator blinking)",
+];
 
 interface QomProperty {
   readonly name: string;
@@ -323,8 +328,7 @@ class Monitor {
       return "requested";
     } catch (err) {
       if (!(err instanceof QmpError)) throw err;
-      // A removal already under way (after a vfiod restart forgot it, or asked by someone else).
-      if (err.desc.includes(UNPLUG_IN_PROGRESS) || err.desc.includes(GUEST_BUSY)) return "requested";
+      if (UNPLUG_UNDER_WAY.some((fragment) => err.desc.includes(fragment))) return "requested";
       if (err.qmpClass === "DeviceNotFound") return "gone";
       throw new VfiodError("HYPERVISOR_ERROR", err.message, { meta: { vm: this.vmId, id, qmpClass: err.qmpClass }, cause: err });
     }

@@ -31,6 +31,12 @@ async function start(
 }
 
 const signal = () => AbortSignal.timeout(5000);
+/**
+ * Upper bound for an answer due at a 100-200 ms deadline or wait: many times (>= 4x) that,
+ * for a loaded 2-core machine, yet well short of the 5 s signal and of a hang. The codes
+ * and messages say which limit answered; this only says it was not held up.
+ */
+const PROMPT_MS = 3000;
 
 /** Adds a device the way another CH client might, bypassing the backend. */
 async function addRaw(devicePath: string, id: string): Promise<void> {
@@ -225,7 +231,7 @@ describe("attach", () => {
       "HYPERVISOR_UNAVAILABLE",
       Code.DEADLINE_EXCEEDED,
     );
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(PROMPT_MS);
     expect(sent(ch, "vm.add-device")).toEqual([]);
   });
 
@@ -258,7 +264,7 @@ describe("detach", () => {
     const started = Date.now();
     const error = await failure(backend.detach(vm, "gpu0", 200, signal()), "DETACH_PENDING", Code.DEADLINE_EXCEEDED);
     expect(Date.now() - started).toBeGreaterThanOrEqual(195);
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(PROMPT_MS);
     expect(error.message).toMatch(
       /the guest has not released device gpu0 within 0\.[0-9] s; its removal stays requested/,
     );
@@ -283,7 +289,7 @@ describe("detach", () => {
       "DETACH_PENDING",
       Code.DEADLINE_EXCEEDED,
     );
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(PROMPT_MS);
   });
 
   test("a cancelled caller cuts the wait short: DETACH_PENDING with CANCELLED", async () => {

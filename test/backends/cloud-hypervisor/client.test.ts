@@ -26,6 +26,12 @@ async function start(profile: ChProfile = "main"): Promise<{ ch: ChDouble; clien
 }
 
 const signal = () => AbortSignal.timeout(5000);
+/**
+ * Upper bound for an answer due at a 100-200 ms deadline or wait: many times (>= 4x) that,
+ * for a loaded 2-core machine, yet well short of the 5 s signal and of a hang. The codes
+ * and messages say which limit answered; this only says it was not held up.
+ */
+const PROMPT_MS = 3000;
 
 /** The VfiodError `promise` rejects with, checked for reason, code and safety for remote callers. */
 async function failure(promise: Promise<unknown>, reason: Reason, code: Code): Promise<VfiodError> {
@@ -181,7 +187,7 @@ describe("the signal", () => {
       "HYPERVISOR_UNAVAILABLE",
       Code.DEADLINE_EXCEEDED,
     );
-    expect(Date.now() - started).toBeLessThan(1000);
+    expect(Date.now() - started).toBeLessThan(PROMPT_MS);
   });
 
   test("a cancelled read is CANCELLED", async () => {
