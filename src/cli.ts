@@ -74,6 +74,16 @@ export function buildCli(): Command {
     .option("--tls-key <file>", "client key (PEM) for mTLS")
     .exitOverride();
   const opts = () => program.opts<GlobalOptions>();
+  // A client certificate without the CA that checks vfiod's would silently talk plaintext.
+  program.hook("preAction", () => {
+    const o = opts();
+    if ((o.tlsCert !== undefined || o.tlsKey !== undefined) && o.tlsCa === undefined) {
+      program.error("vfiodctl: --tls-cert/--tls-key need --tls-ca (the CA that signed vfiod's certificate)", { exitCode: 2 });
+    }
+    if ((o.tlsCert === undefined) !== (o.tlsKey === undefined)) {
+      program.error("vfiodctl: --tls-cert and --tls-key go together", { exitCode: 2 });
+    }
+  });
 
   program
     .command("attach <vm> <pci>")

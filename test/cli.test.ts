@@ -69,3 +69,15 @@ test("bad usage exits 2", async () => {
   expect((await vfiodctl("attach", "vm")).code).toBe(2);
   expect((await vfiodctl("--timeout", "soon", "list", "vm")).code).toBe(2);
 });
+
+test.each([
+  [["--tls-cert", "c.pem", "--tls-key", "k.pem"], "need --tls-ca"],
+  [["--tls-key", "k.pem", "--tls-ca", "ca.pem"], "go together"],
+  [["--tls-cert", "c.pem", "--tls-ca", "ca.pem"], "go together"],
+])("TLS flags that would fall back to plaintext or cannot work, %j, are a usage error (exit 2), nothing sent", async (flags, message) => {
+  const before = ch.requests.length;
+  const { code, stderr } = await vfiodctl(...flags, "list", "vm");
+  expect(code).toBe(2);
+  expect(stderr).toContain(message);
+  expect(ch.requests.length).toBe(before);
+});

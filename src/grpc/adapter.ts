@@ -27,6 +27,8 @@ export interface CallContext {
   readonly call: grpc.ServerUnaryCall<Message, Message>;
   /** Sent with the call's status, whether it succeeds or fails. */
   readonly trailers: grpc.Metadata;
+  /** The caller's deadline (ms since epoch), when it gave one. */
+  readonly deadline: number | undefined;
 }
 
 export type UnaryHandler<M> = (
@@ -90,10 +92,16 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
  */
 const DEADLINE_SKEW_MS = 100;
 
-/** An AbortSignal that follows the call's deadline (reason TimeoutError) and its cancellation (AbortError). */
-export function callSignal(call: grpc.ServerUnaryCall<Message, Message>): AbortSignal {
+/** The caller's deadline in ms since epoch, or undefined when it set none. */
+function deadlineOf(call: grpc.ServerUnaryCall<Message, Message>): number | undefined {
   const deadline = call.getDeadline();
   const at = deadline instanceof Date ? deadline.getTime() : deadline;
+  return Number.isFinite(at) ? at : undefined;
+}
+
+/** An AbortSignal that follows the call's deadline (reason TimeoutError) and its cancellation (AbortError). */
+export function callSignal(call: grpc.ServerUnaryCall<Message, Message>): AbortSignal {
+  const at = deadlineOf(call) ?? Infinity;
   const cancelled = new AbortController();
   call.once("cancelled", () => {
     const atDeadline = Number.isFinite(at) && at - Date.now() <= DEADLINE_SKEW_MS;
@@ -128,7 +136,7 @@ export function serviceImplementation<S extends DescService>(
     if (handler === undefined) throw new Error(`${service.typeName}.${method.name} has no handler`);
     const unary: grpc.handleUnaryCall<Message, Message> = (call, callback) => {
       const trailers = new grpc.Metadata();
-      handler(call.request as never, { signal: callSignal(call), call, trailers }).then(
+      handler(call.request as never, { signal: callSignal(call), call, trailers, deadline: deadlineOf(call) }).then(
         (response) => callback(null, create(method.output, response as never), trailers),
         (err: unknown) => {
           const status = toStatus(err);

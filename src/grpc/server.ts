@@ -15,7 +15,7 @@ import type { AttachedDevice } from "../backends/backend";
 import { Code, VfiodError } from "../errors";
 import type { Logger } from "../log";
 import type { Metrics } from "../metrics";
-import type { Call } from "../service/call";
+import { waitSignalFor, type Call } from "../service/call";
 import type { DeviceOperations } from "../service/device-operations";
 import { serviceDefinition, serviceImplementation, type CallContext } from "./adapter";
 import { authorize, callerOf } from "./caller";
@@ -103,7 +103,12 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
       context.call.sendMetadata(echoed);
       context.trailers.set(REQUEST_ID_KEY, requestId);
       const caller = callerOf(context.call);
-      const call: Call = { signal: context.signal, log: log.child({ requestId }), facts: {} };
+      const call: Call = {
+        signal: context.signal,
+        waitSignal: waitSignalFor(context.signal, context.deadline),
+        log: log.child({ requestId }),
+        facts: {},
+      };
       let outcome = "OK";
       let code: number = Code.OK;
       let failure: unknown;

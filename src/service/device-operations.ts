@@ -70,9 +70,9 @@ export class DeviceOperations {
       new VfiodError("VM_BUSY", `another attach of host device ${device.bdf} is in progress; retry later`, {
         meta: { device: device.bdf },
       });
-    return this.deps.locks.run(`device:${device.bdf}`, call.signal, busy, async () => {
+    return this.deps.locks.run(`device:${device.bdf}`, call.waitSignal, busy, async () => {
       await this.deps.heldElsewhere.refuse(vm, device, call.signal);
-      const attached = await this.mutate(vm, call.signal, () => attacher.attach(vm, device, id, call.signal));
+      const attached = await this.mutate(vm, call, () => attacher.attach(vm, device, id, call.signal));
       call.facts.id = attached.id;
       this.deps.view.attached(vm, attached);
       return attached;
@@ -90,7 +90,7 @@ export class DeviceOperations {
     call.facts.id = id;
     const { vm, attacher } = await this.resolveAttacher(vmRef, "detach", call);
     try {
-      const removed = await this.mutate(vm, call.signal, () =>
+      const removed = await this.mutate(vm, call, () =>
         attacher.detach(vm, id, this.deps.detachTimeoutMs, call.signal),
       );
       if (removed.bdf !== "") call.facts.device = removed.bdf;
@@ -130,14 +130,14 @@ export class DeviceOperations {
   }
 
   /** One mutation of a VM at a time; a cocoon VM's ops flock too, so cocoon cannot race us. */
-  private mutate<T>(vm: VmRecord, signal: AbortSignal, fn: () => Promise<T>): Promise<T> {
+  private mutate<T>(vm: VmRecord, call: Call, fn: () => Promise<T>): Promise<T> {
     const busy = () =>
       new VfiodError("VM_BUSY", `another attach or detach of VM ${vm.name} is in progress; retry later`, {
         meta: { vm: vm.id },
       });
     const lockPath = vm.opsLockPath;
-    return this.deps.locks.run(`vm:${vm.id}`, signal, busy, () =>
-      lockPath === undefined ? fn() : withOpsFlock(lockPath, vm.name, signal, fn),
+    return this.deps.locks.run(`vm:${vm.id}`, call.waitSignal, busy, () =>
+      lockPath === undefined ? fn() : withOpsFlock(lockPath, vm.name, call.waitSignal, fn),
     );
   }
 }

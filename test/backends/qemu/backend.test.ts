@@ -235,7 +235,7 @@ describe("QemuBackend against the QMP double", () => {
       return since.includes("qom-get") && since.lastIndexOf("qom-list") > since.indexOf("qom-get");
     }, "the second Detach waits for the guest");
     d.completeUnplugs();
-    await expect(again).resolves.toBeUndefined();
+    await expect(again).resolves.toMatchObject({ id: "gpu0", bdf: "0000:01:00.0" });
     expect(d.commands("device_del")).toHaveLength(1);
     await expect(backend.list(vm, signal())).resolves.toEqual([]);
   });
@@ -271,7 +271,7 @@ describe("QemuBackend against the QMP double", () => {
       const detaching = restartedDetach(30_000, signal(40_000));
       await waitFor(() => d.commands("device_del").length === 2, "the restarted vfiod sends device_del");
       d.completeUnplugs();
-      await expect(detaching).resolves.toBeUndefined();
+      await expect(detaching).resolves.toMatchObject({ id: "gpu0", bdf: "0000:01:00.0" });
       expect(d.answersTo("device_del")).toEqual([{ return: {} }, { error: { class: "GenericError", desc } }]);
       await expect(backend.list(vm, signal())).resolves.toEqual([]);
     });
