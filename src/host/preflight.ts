@@ -9,7 +9,7 @@ import { VfiodError } from "../errors";
 import type { PciAddress } from "../pci/address";
 
 /** One PCI function as sysfs shows it. */
-interface HostFunction {
+export interface HostFunction {
   readonly bdf: string;
   /** Bound driver name, or undefined when unbound. */
   readonly driver: string | undefined;
@@ -70,6 +70,13 @@ function bindCommands(functions: readonly { bdf: string; driver: string | undefi
   return ["modprobe vfio-pci", ...perDevice].join("; ");
 }
 
+/** A device's IOMMU group as preflight found it. */
+export interface IommuGroup {
+  readonly number: string;
+  /** Every function of the group, the device included, by BDF. */
+  readonly members: readonly HostFunction[];
+}
+
 export class HostPreflight {
   private readonly dmaOwnership: boolean;
 
@@ -95,9 +102,10 @@ export class HostPreflight {
 
   /**
    * Refuses a device that cannot be handed to a VM as it stands.
+   * @returns its IOMMU group: the unit a VM takes (one opener per group).
    * @throws DEVICE_NOT_FOUND, DEVICE_NOT_VFIO, IOMMU_GROUP_NOT_VIABLE
    */
-  async check(device: PciAddress): Promise<void> {
+  async check(device: PciAddress): Promise<IommuGroup> {
     const dir = path.join(this.devicesDir(), device.bdf);
     const meta = { device: device.bdf };
     const stat = await fs.stat(dir).catch(() => undefined);
@@ -124,11 +132,12 @@ export class HostPreflight {
       );
     }
     const offenders: HostFunction[] = [];
-    const members = await fs.readdir(path.join(this.sysfsRoot, "sys/kernel/iommu_groups", group, "devices"));
-    for (const member of members.sort()) {
-      if (member === device.bdf) continue;
-      const fn = await this.readFunction(member);
-      if (!keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
+    const names = await fs.readdir(path.join(this.sysfsRoot, "sys/kernel/iommu_groups", group, "devices"));
+    const members: HostFunction[] = [];
+    for (const member of names.sort()) {
+      const fn = member === device.bdf ? self : await this.readFunction(member);
+      members.push(fn);
+      if (member !== device.bdf && !keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
     }
     if (offenders.length > 0) {
       const named = offenders.map((fn) => `${fn.bdf} (driver ${fn.driver})`).join(", ");
@@ -140,5 +149,6 @@ export class HostPreflight {
         { meta: { ...meta, iommu_group: group, offenders: offenders.map((fn) => fn.bdf).join(",") } },
       );
     }
+    return { number: group, members };
   }
 }

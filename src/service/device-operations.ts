@@ -7,6 +7,7 @@ import type { BackendRegistry } from "../backends/registry";
 import { checkDeviceId, requireDeviceId } from "../device-id";
 import { VfiodError } from "../errors";
 import type { DeviceAllowList } from "../host/device-allow-list";
+import type { IommuGroup } from "../host/preflight";
 import type { VmRecord } from "../inventory/vm";
 import type { KeyedLocks } from "../keyed-locks";
 import { parsePciAddress, type PciAddress } from "../pci/address";
@@ -20,7 +21,7 @@ export interface VmDirectory {
 }
 
 export interface DeviceChecker {
-  check(device: PciAddress): Promise<void>;
+  check(device: PciAddress): Promise<IommuGroup>;
 }
 
 export interface DeviceOperationsDeps {
@@ -65,13 +66,15 @@ export class DeviceOperations {
     if (id !== "") call.facts.id = id;
     await this.deps.allowList?.check(device);
     const { vm, attacher } = await this.resolveAttacher(vmRef, "attach", call);
-    await this.deps.host.check(device);
+    const group = await this.deps.host.check(device);
     const busy = () =>
-      new VfiodError("VM_BUSY", `another attach of host device ${device.bdf} is in progress; retry later`, {
+      new VfiodError("VM_BUSY", `another attach of host device ${device.bdf} or of its IOMMU group is in progress; retry later`, {
         meta: { device: device.bdf },
       });
-    return this.deps.locks.run(`device:${device.bdf}`, call.waitSignal, busy, async () => {
-      await this.deps.heldElsewhere.refuse(vm, device, call.signal);
+    // A VM takes a whole IOMMU group (one opener per group node): attaches of any of its
+    // members are serialized, so two VMs racing for two functions of one group have one winner.
+    return this.deps.locks.run(`iommu-group:${group.number}`, call.waitSignal, busy, async () => {
+      await this.deps.heldElsewhere.refuse(vm, device, group, call.signal);
       const attached = await this.mutate(vm, call, () => attacher.attach(vm, device, id, call.signal));
       call.facts.id = attached.id;
       this.deps.view.attached(vm, attached);

@@ -7,6 +7,7 @@ import { VfiodError } from "../errors";
 import type { HolderProcess, VfioHolders } from "../host/vfio-holders";
 import { commandLineNamesSocket } from "../inventory/command-line";
 import type { VmRecord } from "../inventory/vm";
+import type { IommuGroup } from "../host/preflight";
 import type { PciAddress } from "../pci/address";
 import type { DeviceView } from "../view/device-view";
 
@@ -41,12 +42,19 @@ export class HeldElsewhere {
    * Call it holding the device's lock, so two attaches of one device have one winner.
    * @throws DEVICE_IN_USE (FAILED_PRECONDITION) naming the VM, or the process (pid and command).
    */
-  async refuse(target: VmRecord, device: PciAddress, signal: AbortSignal): Promise<void> {
+  async refuse(target: VmRecord, device: PciAddress, group: IommuGroup, signal: AbortSignal): Promise<void> {
     const holder = (await this.kernelHolders(device, signal)).find((h) => h.vm === undefined || !sameVm(h.vm, target));
-    if (holder !== undefined) throw inUse(device, holder);
-    const [known] = this.deps.view.holdersOf(device.bdf, target);
-    if (known !== undefined) {
-      throw inUse(device, { vm: known.known.vm, pid: 0, command: "", id: known.device.id, knownAt: known.known.knownAt });
+    if (holder !== undefined) {
+      // The kernel names the process; vfiod's view may know which device of the group that VM has, and its id.
+      const inGroup = (bdf: string) => group.members.some((member) => member.bdf === bdf);
+      const known = holder.vm === undefined ? undefined : this.deps.view.get(holder.vm)?.devices.find((d) => inGroup(d.bdf));
+      throw inUse(device, known === undefined ? holder : { ...holder, id: known.id }, known?.bdf);
+    }
+    // A device of the group configured in another VM that has not opened it yet (a created, not booted VM).
+    for (const member of group.members) {
+      const [known] = this.deps.view.holdersOf(member.bdf, target);
+      if (known === undefined) continue;
+      throw inUse(device, { vm: known.known.vm, pid: 0, command: "", id: known.device.id, knownAt: known.known.knownAt }, member.bdf);
     }
   }
 
@@ -77,7 +85,8 @@ function commandOf(process: HolderProcess): string {
   return line.length > MAX_COMMAND ? `${line.slice(0, MAX_COMMAND)}...` : line;
 }
 
-function inUse(device: PciAddress, holder: Holder): VfiodError {
+/** DEVICE_IN_USE naming the holder; `heldBdf` when what is held is another function of the device's IOMMU group. */
+function inUse(device: PciAddress, holder: Holder, heldBdf = device.bdf): VfiodError {
   const meta: Record<string, string> = { device: device.bdf };
   if (holder.pid !== 0) meta.pid = String(holder.pid);
   if (holder.id !== undefined) meta.id = holder.id;
@@ -85,13 +94,13 @@ function inUse(device: PciAddress, holder: Holder): VfiodError {
     meta.vm = holder.vm.id;
     const how =
       holder.pid !== 0
-        ? `its hypervisor (pid ${holder.pid}) holds the device's VFIO group open`
+        ? `${holder.id === undefined ? "" : `device id ${holder.id}; `}its hypervisor (pid ${holder.pid}) holds the IOMMU group open`
         : `device id ${holder.id ?? "?"}, as vfiod last read the VM ${ago(holder.knownAt ?? 0)}`;
-    return new VfiodError(
-      "DEVICE_IN_USE",
-      `host PCI device ${device.bdf} is attached to VM ${holder.vm.name} (${how}); detach it there first`,
-      { meta },
-    );
+    const what =
+      heldBdf === device.bdf
+        ? `host PCI device ${device.bdf} is attached to VM ${holder.vm.name}`
+        : `host PCI device ${heldBdf}, in the same IOMMU group as ${device.bdf}, is attached to VM ${holder.vm.name}`;
+    return new VfiodError("DEVICE_IN_USE", `${what} (${how}); detach it there first`, { meta });
   }
   return new VfiodError(
     "DEVICE_IN_USE",

@@ -31,13 +31,17 @@ function refusal(bdf: string): Promise<VfiodError> {
   return vfiodRejection(preflight.check(parsePciAddress(bdf)));
 }
 
-test("a vfio-bound device whose group is all vfio passes", async () => {
-  await expect(preflight.check(parsePciAddress("01:00.0"))).resolves.toBeUndefined();
+test("a vfio-bound device whose group is all vfio passes, and preflight names the group and its members", async () => {
+  const group = await preflight.check(parsePciAddress("01:00.0"));
+  expect({ number: group.number, members: group.members.map((m) => `${m.bdf}=${m.driver}`) }).toEqual({
+    number: "12",
+    members: ["0000:01:00.0=vfio-pci", "0000:01:00.1=vfio-pci"],
+  });
 });
 
 test("before Linux 5.19, a group of vfio variants, unbound, pcieport, pci-stub and bridges on any driver passes", async () => {
   const old = new HostPreflight(sysfs.root, "5.15.0-91-generic");
-  await expect(old.check(parsePciAddress("05:00.0"))).resolves.toBeUndefined();
+  await expect(old.check(parsePciAddress("05:00.0"))).resolves.toMatchObject({ number: "16" });
 });
 
 test("from Linux 5.19, a bridge in the group keeps it viable only on pcieport, pci-stub or a vfio driver", async () => {
@@ -51,7 +55,7 @@ test("from Linux 5.19, a bridge in the group keeps it viable only on pcieport, p
     expect(err.message).toContain("0000:05:00.4 (driver shpchp)");
   }
   sysfs.setDriver("0000:05:00.4", "pcieport");
-  await expect(new HostPreflight(sysfs.root, "6.1.0").check(parsePciAddress("05:00.0"))).resolves.toBeUndefined();
+  await expect(new HostPreflight(sysfs.root, "6.1.0").check(parsePciAddress("05:00.0"))).resolves.toMatchObject({ number: "16" });
 });
 
 test("a missing device is DEVICE_NOT_FOUND", async () => {
@@ -87,7 +91,7 @@ test("a group with host-driver companions is IOMMU_GROUP_NOT_VIABLE, naming each
 test("the group becomes viable once the companion is rebound", async () => {
   sysfs.setDriver("0000:04:00.1", "vfio-pci");
   sysfs.setDriver("0000:04:00.2", undefined);
-  await expect(preflight.check(parsePciAddress("04:00.0"))).resolves.toBeUndefined();
+  await expect(preflight.check(parsePciAddress("04:00.0"))).resolves.toMatchObject({ number: "15" });
 });
 
 test("no iommu_group link (IOMMU off) is refused with how to turn it on", async () => {

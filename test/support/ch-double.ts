@@ -7,6 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { VmmProcess } from "./vmm-process";
 
 /** Which CH behaviour to imitate where versions differ (§3 status table, null vs absent). */
 export type ChProfile = "v52" | "v53" | "main";
@@ -40,7 +41,12 @@ export interface ChDoubleOptions {
   profile?: ChProfile;
   /** The guest acks an unplug this long after remove-device; absent: only when a test calls guestEjects. */
   ejectAfterMs?: number;
-  /** Fake sysfs tree (test/support/fake-sysfs.ts) that add-device opens the way vfio-ioctls would. */
+  /**
+   * Fake sysfs tree (test/support/fake-sysfs.ts) that add-device opens the way
+   * vfio-ioctls would. The VM's stand-in process then really holds each attached
+   * device's group node (<root>/dev/vfio/<group>) open, as CH does, until the guest
+   * releases the device; a group another double's VM holds is refused with EBUSY.
+   */
   sysfsRoot?: string;
   /** `--platform num_pci_segments`; default 1. */
   pciSegments?: number;
@@ -140,6 +146,18 @@ function serdeError(message: string): Reply {
   return chain(400, "Failed to deserialize JSON", message);
 }
 
+/** Group node -> the double whose VM holds it open: one opener per legacy group node (host-vfio-sysfs.md §1). */
+const groupOwners = new Map<string, ChDouble>();
+
+/** The group node (<root>/dev/vfio/<group>) of a device path under a fake sysfs root. */
+function groupNodeOf(root: string, devicePath: string): string | undefined {
+  try {
+    return path.join(root, "dev/vfio", path.basename(fs.readlinkSync(path.join(root, devicePath, "iommu_group"))));
+  } catch {
+    return undefined;
+  }
+}
+
 /** vfio-ioctls' error for opening `devicePath` under a fake sysfs root, if any (host-vfio-sysfs.md §3, §6). */
 function vfioOpenError(root: string, devicePath: string): string | undefined {
   let group: string;
@@ -177,6 +195,9 @@ export class ChDouble {
   private tree: Map<string, TreeNode> | undefined;
   private readonly pendingEject = new Set<string>();
   private nameCounter = 0;
+  /** Device id -> the group node the VM holds open for it. */
+  private readonly openGroups = new Map<string, string>();
+  private vmm: VmmProcess | undefined;
 
   private constructor(
     private readonly server: net.Server,
@@ -198,6 +219,8 @@ export class ChDouble {
   }
 
   async close(): Promise<void> {
+    this.releaseGroups();
+    this.vmm?.stop();
     this.lifetime.abort();
     for (const socket of this.connections) socket.destroy();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
@@ -217,12 +240,14 @@ export class ChDouble {
     if (next === "none") {
       this.state = this.devices = this.disks = this.tree = undefined;
       this.pendingEject.clear();
+      this.releaseGroups();
       this.nameCounter = 0;
       return;
     }
     if (next === "Created") {
       this.tree = undefined;
       this.pendingEject.clear();
+      this.releaseGroups();
     } else if (this.tree === undefined) {
       this.boot();
     }
@@ -261,6 +286,16 @@ export class ChDouble {
   /** Ids removed from config whose node still waits for the guest. */
   pendingRemovals(): string[] {
     return [...this.pendingEject];
+  }
+
+  /** The VM's stand-in process (holding its open group nodes), once it opened one. */
+  get vmmPid(): number | undefined {
+    return this.vmm?.pid;
+  }
+
+  /** Group nodes the VM holds open now. */
+  heldGroups(): string[] {
+    return [...new Set(this.openGroups.values())];
   }
 
   // ---- connections and HTTP framing ----
@@ -346,7 +381,10 @@ export class ChDouble {
     if (fault?.kind === "delay") await sleep(fault.ms, undefined, { signal: aborted }).catch(() => undefined);
     if (fault?.kind === "state-first") this.setState(fault.state);
     if (aborted.aborted) return;
-    const bytes = encode(this.route(request));
+    const reply = this.route(request);
+    // A device's group is open before CH answers its add (and closed once ejected).
+    await this.vmm?.settled();
+    const bytes = encode(reply);
     if (fault?.kind === "close-mid-response") {
       const headerEnd = bytes.indexOf("\r\n\r\n") + 4;
       const cut = bytes.length > headerEnd ? headerEnd + Math.floor((bytes.length - headerEnd) / 2) : headerEnd >> 1;
@@ -470,6 +508,13 @@ export class ChDouble {
     if (openError !== undefined) {
       return chain(500, "Error from API", ADD, "Error from device manager", "Cannot create a VFIO device", openError);
     }
+    const groupNode = this.options.sysfsRoot && parsed.path ? groupNodeOf(this.options.sysfsRoot, parsed.path) : undefined;
+    const owner = groupNode === undefined ? undefined : groupOwners.get(groupNode);
+    if (owner !== undefined && owner !== this) {
+      // The kernel lets one process open a legacy group node at a time: another VM's CH has it.
+      const busy = `failed to open /dev/vfio/${path.basename(groupNode!)} group: Device or resource busy (os error 16)`;
+      return chain(500, "Error from API", ADD, "Error from device manager", "Cannot create a VFIO device", busy);
+    }
     const slot = this.freeSlot(parsed.pciSegment);
     if (slot === undefined) {
       // Outer text from device_manager.rs NextPciDeviceId; inner from cloud-hypervisor.md §4.
@@ -484,6 +529,7 @@ export class ChDouble {
     }
     const device = { ...parsed, id: parsed.id ?? this.nextName("_vfio") };
     (this.devices ??= []).push(device);
+    this.openGroup(device);
     const node = { id: device.id, children: [], segment: device.pciSegment, slot };
     this.tree.set(device.id, node);
     return { status: 200, body: JSON.stringify({ id: device.id, bdf: this.nodeJson(node).pci_bdf }) };
@@ -593,6 +639,31 @@ export class ChDouble {
     const parent = this.tree.get(id)?.parent;
     this.tree.delete(id);
     if (parent !== undefined) this.tree.delete(parent);
+    this.closeGroup(id);
+  }
+
+  /** The VM's CH opens the device's group node (a fake file standing in for it) and keeps it open. */
+  private openGroup(device: VfioConfig): void {
+    const root = this.options.sysfsRoot;
+    if (!root || device.id === undefined || device.path === undefined) return;
+    const node = groupNodeOf(root, device.path);
+    if (node === undefined) return;
+    this.openGroups.set(device.id, node);
+    groupOwners.set(node, this);
+    this.vmm ??= VmmProcess.spawn("cloud-hypervisor", ["--api-socket", `path=${this.server.address() as string}`]);
+    this.vmm.open(node);
+  }
+
+  private closeGroup(id: string): void {
+    const node = this.openGroups.get(id);
+    if (node === undefined) return;
+    this.openGroups.delete(id);
+    this.vmm?.close(node);
+    if (![...this.openGroups.values()].includes(node) && groupOwners.get(node) === this) groupOwners.delete(node);
+  }
+
+  private releaseGroups(): void {
+    for (const id of [...this.openGroups.keys()]) this.closeGroup(id);
   }
 
   // ---- bookkeeping ----
@@ -631,6 +702,7 @@ export class ChDouble {
         segment: device.pciSegment,
         slot: this.freeSlot(device.pciSegment),
       });
+      this.openGroup(device);
     }
   }
 

@@ -135,15 +135,6 @@ export function isContractRefusal(outcome: Outcome): boolean {
   return outcome.reason !== undefined && CONTRACT_STATUSES.has(outcome.key);
 }
 
-/**
- * Cloud Hypervisor's own 503 past 10 open API connections (vfiod: UNAVAILABLE,
- * HYPERVISOR_UNAVAILABLE): a refusal the contract allows, sent before any
- * request is read, so the VM is unchanged.
- */
-export function tooManyConnections(outcome: Outcome): boolean {
-  return outcome.key === "UNAVAILABLE/HYPERVISOR_UNAVAILABLE" && outcome.message.includes("too many open api connections");
-}
-
 /** Counts by key, printed sorted by count. */
 export class Tally {
   private readonly counts = new Map<string, number>();

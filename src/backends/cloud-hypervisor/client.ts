@@ -77,6 +77,8 @@ const RECOGNISED: ReadonlyArray<readonly [string, Reason]> = [
   ["Failed to find device corresponding to the given identifier", "DEVICE_NOT_ATTACHED"],
   ["VM is not created", "VM_NOT_RUNNING"],
   ["Could not find an available device slot", "NO_FREE_SLOT"],
+  // The kernel refused to open the device's VFIO group: another process holds it (EBUSY).
+  ["Device or resource busy", "DEVICE_IN_USE"],
 ];
 
 /** Transport error codes, said without the socket path undici puts in its messages. */

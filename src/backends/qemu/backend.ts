@@ -36,6 +36,8 @@ const DEVICE_ADD_REFUSALS: readonly (readonly [string, Reason])[] = [
   ["already attached", "DEVICE_ALREADY_ATTACHED"],
   ["is not viable", "IOMMU_GROUP_NOT_VIABLE"],
   ["no such host device", "DEVICE_NOT_FOUND"],
+  // The kernel refused to open the device's VFIO group: another process holds it (EBUSY, qemu-qmp.md §3).
+  ["Device or resource busy", "DEVICE_IN_USE"],
 ];
 
 /**

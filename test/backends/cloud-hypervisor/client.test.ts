@@ -332,10 +332,24 @@ describe("CH's refusals", () => {
       "The device could not be added to the VM",
       "Error from device manager",
       "Cannot create a VFIO device",
-      "failed to open /dev/vfio/12 group: Device or resource busy (os error 16)",
+      "group is not viable",
     ];
     ch.inject("vm.add-device", { kind: "respond", status: 500, body: JSON.stringify(chain) });
     const error = await failure(client.addDevice({ path: GPU }, signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
+    expect(error.message).toContain(chain.join(": "));
+  });
+
+  test("the kernel's EBUSY on the group (another process holds it) is DEVICE_IN_USE with CH's text", async () => {
+    const { ch, client } = await start();
+    const chain = [
+      "Error from API",
+      "The device could not be added to the VM",
+      "Error from device manager",
+      "Cannot create a VFIO device",
+      "failed to open /dev/vfio/12 group: Device or resource busy (os error 16)",
+    ];
+    ch.inject("vm.add-device", { kind: "respond", status: 500, body: JSON.stringify(chain) });
+    const error = await failure(client.addDevice({ path: GPU }, signal()), "DEVICE_IN_USE", Code.FAILED_PRECONDITION);
     expect(error.message).toContain(chain.join(": "));
   });
 
