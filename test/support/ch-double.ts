@@ -201,6 +201,8 @@ export class ChDouble {
 
   private constructor(
     private readonly server: net.Server,
+    /** The API socket it serves. */
+    readonly socketPath: string,
     private readonly options: ChDoubleOptions,
   ) {
     this.profile = options.profile ?? "main";
@@ -209,7 +211,7 @@ export class ChDouble {
   /** Listens on `socketPath` with no VM created yet. */
   static async start(socketPath: string, options: ChDoubleOptions = {}): Promise<ChDouble> {
     const server = net.createServer();
-    const double = new ChDouble(server, options);
+    const double = new ChDouble(server, socketPath, options);
     server.on("connection", (socket) => double.accept(socket));
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -271,7 +273,7 @@ export class ChDouble {
 
   /** Takes all of CH's connections, as other API users might; returns what releases them. */
   async occupyAllConnections(): Promise<() => void> {
-    const socketPath = this.server.address() as string;
+    const socketPath = this.socketPath;
     const sockets = await Promise.all(
       Array.from({ length: MAX_CONNECTIONS - this.connections.size }, () => {
         return new Promise<net.Socket>((resolve) => {
@@ -650,7 +652,7 @@ export class ChDouble {
     if (node === undefined) return;
     this.openGroups.set(device.id, node);
     groupOwners.set(node, this);
-    this.vmm ??= VmmProcess.spawn("cloud-hypervisor", ["--api-socket", `path=${this.server.address() as string}`]);
+    this.vmm ??= VmmProcess.spawn("cloud-hypervisor", ["--api-socket", `path=${this.socketPath}`]);
     this.vmm.open(node);
   }
 

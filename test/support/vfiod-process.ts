@@ -18,10 +18,16 @@ export interface VfiodProcess {
   stop(): Promise<number | string>;
 }
 
-export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): Promise<VfiodProcess> {
+/** `as` runs it as another user (root only). */
+export async function startVfiod(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  as: { uid: number; gid: number } | undefined = undefined,
+): Promise<VfiodProcess> {
   const child = spawn(process.execPath, [MAIN_JS, "--listen", "127.0.0.1:0", ...args], {
     env: { PATH: process.env.PATH, ...env },
     stdio: ["ignore", "ignore", "pipe"],
+    ...as,
   });
   const logs: Record<string, unknown>[] = [];
   const exited = new Promise<number | string>((resolve) =>
