@@ -35,3 +35,13 @@ export function requireDeviceId(id: string): string {
   }
   return id;
 }
+
+/**
+ * The id of a companion attached with a primary by a whole-group Attach: the
+ * primary's id, "-", and the companion's BDF without its domain, with ":" and "."
+ * as "-": ("gpu0", "0000:01:00.1") -> "gpu0-01-00-1". A whole-group Detach of the
+ * primary finds its companions by this rule, so vfiod keeps no record of them.
+ */
+export function companionId(primaryId: string, bdf: string): string {
+  return `${primaryId}-${bdf.slice(bdf.indexOf(":") + 1).replace(/[:.]/g, "-")}`;
+}

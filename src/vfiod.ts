@@ -13,6 +13,7 @@ import { DEFAULT_HYPERVISOR_TIMEOUT_MS } from "./request-bound";
 import { createVfiodServer, type VfiodServer, type VfiodServerOptions } from "./grpc/server";
 import { DeviceOperations } from "./service/device-operations";
 import { HeldElsewhere } from "./service/held-elsewhere";
+import { InventoryQueries } from "./service/inventory-queries";
 import { DeviceView } from "./view/device-view";
 import { Refresher } from "./view/refresher";
 
@@ -66,11 +67,12 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
   });
   const view = new DeviceView();
   const holders = new VfioHolders(options.procRoot ?? "/proc", options.sysfsRoot, log);
+  const preflight = new HostPreflight(options.sysfsRoot, options.kernelRelease);
   const heldElsewhere = new HeldElsewhere({ kernel: holders, view, records: () => inventory.records() });
   const operations = new DeviceOperations({
     inventory,
     backends,
-    host: new HostPreflight(options.sysfsRoot, options.kernelRelease),
+    host: preflight,
     heldElsewhere,
     view,
     locks: new KeyedLocks(),
@@ -86,6 +88,16 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
     perVmMs: Math.min(REFRESH_PER_VM_MS, hypervisorTimeoutMs),
     concurrency: REFRESH_CONCURRENCY,
   });
-  const server = createVfiodServer(operations, log, options.server);
+  const queries = new InventoryQueries({
+    inventory,
+    backends,
+    preflight,
+    holders,
+    heldElsewhere,
+    view,
+    allowList: options.allowList,
+    sysfsRoot: options.sysfsRoot,
+  });
+  const server = createVfiodServer(operations, queries, log, options.server);
   return { server, operations, view, refresher, inventory, holders };
 }

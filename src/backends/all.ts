@@ -11,5 +11,5 @@ export function defaultBackends(hypervisorTimeoutMs = DEFAULT_HYPERVISOR_TIMEOUT
   return new BackendRegistry()
     .register("cloud-hypervisor", new CloudHypervisorBackend({ sockets: new CloudHypervisorSockets(hypervisorTimeoutMs) }))
     .register("qemu", new QemuBackend({ requestTimeoutMs: hypervisorTimeoutMs }))
-    .register("firecracker", new FirecrackerBackend());
+    .register("firecracker", new FirecrackerBackend(hypervisorTimeoutMs));
 }

@@ -16,8 +16,14 @@ export interface AttachedDevice {
   readonly guestBdf: string;
 }
 
-/** Every backend can say what a VM holds (a hypervisor without VFIO holds nothing). */
+/** Every backend can say what state a VM is in and what it holds (a hypervisor without VFIO holds nothing). */
 export interface DeviceLister {
+  /**
+   * The VM's state in the hypervisor's own words ("Running", "running", "Paused").
+   * @throws VM_NOT_RUNNING (no VM in the hypervisor), HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
+   */
+  state(vm: VmRecord, signal: AbortSignal): Promise<string>;
+
   /**
    * The VFIO devices the VM holds now, read from the live hypervisor, in its
    * order; a device whose removal is pending is still held. Concurrent calls for

@@ -1,14 +1,16 @@
-// Typed DeviceService client for tests, the CLI and other Node callers.
+// Typed DeviceService and InventoryService clients for tests, the CLI and other Node callers.
 import * as grpc from "@grpc/grpc-js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
 import { ErrorInfoSchema, type ErrorInfo } from "../../gen/google/rpc/error_details_pb";
 import { StatusSchema } from "../../gen/google/rpc/status_pb";
 import { DeviceService } from "../../gen/vfiod/v1/device_pb";
+import { InventoryService } from "../../gen/vfiod/v1/inventory_pb";
 import { createClient, type ServiceClient } from "./adapter";
 import { ERROR_DOMAIN, STATUS_DETAILS_KEY } from "./status";
 
 export type DeviceClient = ServiceClient<typeof DeviceService>;
+export type InventoryClient = ServiceClient<typeof InventoryService>;
 
 export function createDeviceClient(
   target: string,
@@ -16,6 +18,14 @@ export function createDeviceClient(
   channelOptions?: grpc.ChannelOptions,
 ): DeviceClient {
   return createClient(DeviceService, target, credentials, channelOptions);
+}
+
+export function createInventoryClient(
+  target: string,
+  credentials?: grpc.ChannelCredentials,
+  channelOptions?: grpc.ChannelOptions,
+): InventoryClient {
+  return createClient(InventoryService, target, credentials, channelOptions);
 }
 
 /** The vfiod ErrorInfo of a failed call, when the server sent one. */

@@ -9,6 +9,7 @@ import { file_google_rpc_error_details } from "../../gen/google/rpc/error_detail
 import { file_google_rpc_status } from "../../gen/google/rpc/status_pb";
 import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb";
 import { DeviceService, file_vfiod_v1_device, type DeviceSchema } from "../../gen/vfiod/v1/device_pb";
+import { file_vfiod_v1_inventory, InventoryService } from "../../gen/vfiod/v1/inventory_pb";
 import { randomUUID } from "node:crypto";
 import type { AuditEntry, AuditLog } from "../audit";
 import type { AttachedDevice } from "../backends/backend";
@@ -17,11 +18,13 @@ import type { Logger } from "../log";
 import type { Metrics } from "../metrics";
 import { waitSignalFor, type Call } from "../service/call";
 import type { DeviceOperations } from "../service/device-operations";
+import type { InventoryQueries } from "../service/inventory-queries";
 import { serviceDefinition, serviceImplementation, type CallContext } from "./adapter";
 import { authorize, callerOf } from "./caller";
 import { toGrpcStatus } from "./status";
 
 export const DEVICE_SERVICE_NAME = DeviceService.typeName;
+export const INVENTORY_SERVICE_NAME = InventoryService.typeName;
 
 function toProtoDevice(device: AttachedDevice): MessageInitShape<typeof DeviceSchema> {
   return { id: device.id, bdf: device.bdf, path: device.path, guestBdf: device.guestBdf };
@@ -47,6 +50,7 @@ function transitiveFiles(roots: DescFile[]): DescFile[] {
 function reflectionService(): ReflectionService {
   const files = transitiveFiles([
     file_vfiod_v1_device,
+    file_vfiod_v1_inventory,
     file_google_rpc_status,
     file_google_rpc_error_details,
     file_grpc_health_v1_health,
@@ -84,7 +88,7 @@ function requestIdOf(metadata: grpc.Metadata): string {
   return typeof given === "string" && REQUEST_ID.test(given) ? given : randomUUID();
 }
 
-type Method = "Attach" | "Detach" | "List";
+type Method = "Attach" | "Detach" | "List" | "ListVms" | "ListHostDevices";
 const MUTATIONS: ReadonlySet<Method> = new Set(["Attach", "Detach"]);
 
 /**
@@ -94,8 +98,10 @@ const MUTATIONS: ReadonlySet<Method> = new Set(["Attach", "Detach"]);
  * metrics, and for a mutation its audit line.
  */
 function callRunner(log: Logger, options: VfiodServerOptions) {
-  return <Req extends { vm: string }, Res>(method: Method, handler: (request: Req, call: Call) => Promise<Res>) =>
+  return <Req extends object, Res>(method: Method, handler: (request: Req, call: Call) => Promise<Res>) =>
     async (request: Req, context: CallContext): Promise<Res> => {
+      // The VM reference as typed, for calls about one VM.
+      const vmRef = "vm" in request && typeof request.vm === "string" ? request.vm : undefined;
       const started = Date.now();
       const requestId = requestIdOf(context.call.metadata);
       const echoed = new grpc.Metadata();
@@ -126,7 +132,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
         const { facts } = call;
         // The outcome stands, but the caller left first and saw its deadline or cancel instead.
         const gaveUp = context.signal.aborted ? { callerGaveUp: true } : {};
-        const fields = { method, caller: caller.identity, vmRef: request.vm, ...facts, ms, ...gaveUp };
+        const fields = { method, caller: caller.identity, ...(vmRef === undefined ? {} : { vmRef }), ...facts, ms, ...gaveUp };
         if (failure === undefined) {
           if (MUTATIONS.has(method)) call.log.info(fields, `${method} done`);
           else call.log.debug(fields, `${method} done`);
@@ -141,7 +147,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
             requestId,
             caller: caller.identity,
             method,
-            vmRef: request.vm,
+            vmRef: vmRef ?? "",
             vm: facts.vm ?? "",
             vmName: facts.vmName ?? "",
             device: facts.device ?? "",
@@ -161,7 +167,12 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
     };
 }
 
-export function createVfiodServer(operations: DeviceOperations, log: Logger, options: VfiodServerOptions = {}): VfiodServer {
+export function createVfiodServer(
+  operations: DeviceOperations,
+  queries: InventoryQueries,
+  log: Logger,
+  options: VfiodServerOptions = {},
+): VfiodServer {
   const server = new grpc.Server();
   const run = callRunner(log, options);
   server.addService(
@@ -169,7 +180,10 @@ export function createVfiodServer(operations: DeviceOperations, log: Logger, opt
     serviceImplementation(
       DeviceService,
       {
-        attach: run("Attach", async (request, call) => ({ device: toProtoDevice(await operations.attach(request, call)) })),
+        attach: run("Attach", async (request, call) => {
+          const { device, companions } = await operations.attach(request, call);
+          return { device: toProtoDevice(device), companions: companions.map(toProtoDevice) };
+        }),
         detach: run("Detach", async (request, call) => {
           await operations.detach(request, call);
           return {};
@@ -179,12 +193,26 @@ export function createVfiodServer(operations: DeviceOperations, log: Logger, opt
       toGrpcStatus,
     ),
   );
-  const health = new HealthImplementation({ "": "NOT_SERVING", [DEVICE_SERVICE_NAME]: "NOT_SERVING" });
+  server.addService(
+    serviceDefinition(InventoryService),
+    serviceImplementation(
+      InventoryService,
+      {
+        listVms: run("ListVms", async (_request, call) => ({ vms: await queries.listVms(call) })),
+        listHostDevices: run("ListHostDevices", async (request, call) => ({ devices: await queries.listHostDevices(request, call) })),
+      },
+      toGrpcStatus,
+    ),
+  );
+  const health = new HealthImplementation({
+    "": "NOT_SERVING",
+    [DEVICE_SERVICE_NAME]: "NOT_SERVING",
+    [INVENTORY_SERVICE_NAME]: "NOT_SERVING",
+  });
   health.addToServer(server);
   reflectionService().addToServer(server);
   const setAll = (status: "SERVING" | "NOT_SERVING") => {
-    health.setStatus("", status);
-    health.setStatus(DEVICE_SERVICE_NAME, status);
+    for (const service of ["", DEVICE_SERVICE_NAME, INVENTORY_SERVICE_NAME]) health.setStatus(service, status);
   };
   return { server, health, markServing: () => setAll("SERVING"), markNotServing: () => setAll("NOT_SERVING") };
 }

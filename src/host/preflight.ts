@@ -7,15 +7,7 @@ import os from "node:os";
 import path from "node:path";
 import { VfiodError } from "../errors";
 import type { PciAddress } from "../pci/address";
-
-/** One PCI function as sysfs shows it. */
-export interface HostFunction {
-  readonly bdf: string;
-  /** Bound driver name, or undefined when unbound. */
-  readonly driver: string | undefined;
-  /** PCI class code, e.g. 0x060400 for a PCI-to-PCI bridge. */
-  readonly pciClass: number | undefined;
-}
+import { groupMembers, pciDevicesDir, readFunction, readLinkName, type HostFunction } from "./sysfs";
 
 /** vfio-pci and vendor variants (mlx5_vfio_pci, nvgrace_gpu_vfio_pci, xe-vfio-pci, ...). */
 export function isVfioDriver(driver: string): boolean {
@@ -40,24 +32,6 @@ export function hasDmaOwnership(release: string): boolean {
   if (match === null) return true; // an unreadable release: the stricter, current rule
   const [major, minor] = [Number(match[1]), Number(match[2])];
   return major > 5 || (major === 5 && minor >= 19);
-}
-
-async function readLinkName(link: string): Promise<string | undefined> {
-  try {
-    return path.basename(await fs.readlink(link));
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-    throw err;
-  }
-}
-
-async function readClass(dir: string): Promise<number | undefined> {
-  try {
-    const value = Number.parseInt((await fs.readFile(path.join(dir, "class"), "utf8")).trim(), 16);
-    return Number.isNaN(value) ? undefined : value;
-  } catch {
-    return undefined;
-  }
 }
 
 /** The operator's commands (host-vfio-sysfs.md §5) that bind these functions to vfio-pci. */
@@ -91,28 +65,19 @@ export class HostPreflight {
     this.dmaOwnership = hasDmaOwnership(kernelRelease);
   }
 
-  private devicesDir(): string {
-    return path.join(this.sysfsRoot, "sys/bus/pci/devices");
-  }
-
-  private async readFunction(bdf: string): Promise<HostFunction> {
-    const dir = path.join(this.devicesDir(), bdf);
-    return { bdf, driver: await readLinkName(path.join(dir, "driver")), pciClass: await readClass(dir) };
-  }
-
   /**
    * Refuses a device that cannot be handed to a VM as it stands.
    * @returns its IOMMU group: the unit a VM takes (one opener per group).
    * @throws DEVICE_NOT_FOUND, DEVICE_NOT_VFIO, IOMMU_GROUP_NOT_VIABLE
    */
   async check(device: PciAddress): Promise<IommuGroup> {
-    const dir = path.join(this.devicesDir(), device.bdf);
+    const dir = path.join(pciDevicesDir(this.sysfsRoot), device.bdf);
     const meta = { device: device.bdf };
     const stat = await fs.stat(dir).catch(() => undefined);
     if (stat === undefined || !stat.isDirectory()) {
       throw new VfiodError("DEVICE_NOT_FOUND", `host PCI device ${device.bdf} does not exist`, { meta });
     }
-    const self = await this.readFunction(device.bdf);
+    const self = await readFunction(this.sysfsRoot, device.bdf);
     if (self.driver === undefined || !isVfioDriver(self.driver)) {
       const current = self.driver === undefined ? "is bound to no driver" : `is bound to ${self.driver}`;
       throw new VfiodError(
@@ -132,10 +97,9 @@ export class HostPreflight {
       );
     }
     const offenders: HostFunction[] = [];
-    const names = await fs.readdir(path.join(this.sysfsRoot, "sys/kernel/iommu_groups", group, "devices"));
     const members: HostFunction[] = [];
-    for (const member of names.sort()) {
-      const fn = member === device.bdf ? self : await this.readFunction(member);
+    for (const member of await groupMembers(this.sysfsRoot, group)) {
+      const fn = member === device.bdf ? self : await readFunction(this.sysfsRoot, member);
       members.push(fn);
       if (member !== device.bdf && !keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
     }

@@ -4,13 +4,14 @@
 // Everything the caller may see is a VfiodError.
 import type { AttachedDevice, DeviceAttacher } from "../backends/backend";
 import type { BackendRegistry } from "../backends/registry";
-import { checkDeviceId, requireDeviceId } from "../device-id";
-import { VfiodError } from "../errors";
+import { checkDeviceId, companionId, requireDeviceId } from "../device-id";
+import { Code, VfiodError } from "../errors";
 import type { DeviceAllowList } from "../host/device-allow-list";
 import type { IommuGroup } from "../host/preflight";
+import { isEndpoint } from "../host/sysfs";
 import type { VmRecord } from "../inventory/vm";
 import type { KeyedLocks } from "../keyed-locks";
-import { parsePciAddress, type PciAddress } from "../pci/address";
+import { addressOfBdf, parsePciAddress, type PciAddress } from "../pci/address";
 import type { DeviceView } from "../view/device-view";
 import type { Call } from "./call";
 import type { HeldElsewhere } from "./held-elsewhere";
@@ -37,6 +38,9 @@ export interface DeviceOperationsDeps {
   readonly allowList?: DeviceAllowList;
 }
 
+/** A rollback's removal may wait this much beyond the detach timeout for its requests. */
+const ROLLBACK_MARGIN_MS = 30_000;
+
 function requireVmRef(vm: string): string {
   if (vm.trim() === "") throw new VfiodError("INVALID_ARGUMENT", "vm is required");
   return vm;
@@ -52,13 +56,18 @@ export class DeviceOperations {
   constructor(private readonly deps: DeviceOperationsDeps) {}
 
   /**
-   * Holds the device's lock across "is it held elsewhere?" and the attach itself,
-   * so two VMs racing for one device cannot both win; then the VM's lock.
+   * Holds the IOMMU group's lock across "is it held elsewhere?" and the attach
+   * itself, so two VMs racing for one device cannot both win; then the VM's lock.
+   * With `wholeGroup`, every other endpoint of the group is checked before
+   * anything is sent and attached after the device, all or nothing.
    * @throws INVALID_ARGUMENT, DEVICE_NOT_ALLOWED, VM_NOT_FOUND, VM_AMBIGUOUS,
    *   BACKEND_UNSUPPORTED, VM_NOT_RUNNING, DEVICE_NOT_FOUND, DEVICE_NOT_VFIO,
    *   IOMMU_GROUP_NOT_VIABLE, DEVICE_IN_USE, VM_BUSY, and the backend's reasons.
    */
-  async attach(request: { vm: string; pci: string; id: string }, call: Call): Promise<AttachedDevice> {
+  async attach(
+    request: { vm: string; pci: string; id: string; wholeGroup?: boolean },
+    call: Call,
+  ): Promise<{ device: AttachedDevice; companions: AttachedDevice[] }> {
     const vmRef = requireVmRef(request.vm);
     const device = parsePciAddress(request.pci);
     const id = checkDeviceId(request.id);
@@ -67,6 +76,12 @@ export class DeviceOperations {
     await this.deps.allowList?.check(device);
     const { vm, attacher } = await this.resolveAttacher(vmRef, "attach", call);
     const group = await this.deps.host.check(device);
+    // Every companion passes the same checks before anything is sent.
+    const companions = request.wholeGroup === true ? group.members.filter((m) => m.bdf !== device.bdf && isEndpoint(m)) : [];
+    for (const member of companions) {
+      await this.deps.allowList?.check(addressOfBdf(member.bdf));
+      await this.deps.host.check(addressOfBdf(member.bdf));
+    }
     const busy = () =>
       new VfiodError("VM_BUSY", `another attach of host device ${device.bdf} or of its IOMMU group is in progress; retry later`, {
         meta: { device: device.bdf },
@@ -75,30 +90,86 @@ export class DeviceOperations {
     // members are serialized, so two VMs racing for two functions of one group have one winner.
     return this.deps.locks.run(`iommu-group:${group.number}`, call.waitSignal, busy, async () => {
       await this.deps.heldElsewhere.refuse(vm, device, group, call.signal);
-      const attached = await this.mutate(vm, call, () => attacher.attach(vm, device, id, call.signal));
-      call.facts.id = attached.id;
-      this.deps.view.attached(vm, attached);
-      return attached;
+      return this.mutate(vm, call, async () => {
+        const before = companions.length === 0 ? [] : await this.deps.backends.lister(vm.hypervisor).list(vm, call.signal);
+        const primary = await attacher.attach(vm, device, id, call.signal);
+        call.facts.id = primary.id;
+        this.deps.view.attached(vm, primary);
+        const attached: AttachedDevice[] = [];
+        for (const member of companions) {
+          try {
+            const companion = await attacher.attach(vm, addressOfBdf(member.bdf), companionId(primary.id, member.bdf), call.signal);
+            this.deps.view.attached(vm, companion);
+            attached.push(companion);
+          } catch (err) {
+            // All or nothing: what this call attached goes again; what was there before stays.
+            const added = [primary, ...attached].filter((d) => !before.some((b) => b.id === d.id && b.bdf === d.bdf));
+            throw await this.rollBack(vm, attacher, member.bdf, err, added.reverse());
+          }
+        }
+        return { device: primary, companions: attached };
+      });
     });
   }
 
+  /** Removes what a failed whole-group attach added; the error says what happened to each. */
+  private async rollBack(
+    vm: VmRecord,
+    attacher: DeviceAttacher,
+    failedBdf: string,
+    cause: unknown,
+    added: readonly AttachedDevice[],
+  ): Promise<VfiodError> {
+    const fates: string[] = [];
+    for (const device of added) {
+      // vfiod's own repair: it runs to its end whatever the caller does.
+      const signal = AbortSignal.timeout(this.deps.detachTimeoutMs + ROLLBACK_MARGIN_MS);
+      try {
+        this.deps.view.detached(vm, await attacher.detach(vm, device.id, this.deps.detachTimeoutMs, signal));
+        fates.push(`${device.id} (${device.bdf}) removed again`);
+      } catch (err) {
+        const pending = err instanceof VfiodError && err.reason === "DETACH_PENDING";
+        fates.push(
+          pending
+            ? `${device.id} (${device.bdf}): removal requested, the guest has not released it yet`
+            : `${device.id} (${device.bdf}) could not be removed: ${(err as Error).message}`,
+        );
+      }
+    }
+    const why = cause instanceof Error ? cause.message : String(cause);
+    const undone = fates.length === 0 ? "nothing had been attached by this call" : fates.join("; ");
+    const message = `whole-group attach to VM ${vm.name} failed at ${failedBdf}: ${why}; rolled back: ${undone}`;
+    const meta = { vm: vm.id, failed: failedBdf, rolledBack: fates.join("; ") };
+    return cause instanceof VfiodError
+      ? new VfiodError(cause.reason, message, { code: cause.code, meta: { ...cause.meta, ...meta }, cause })
+      : new VfiodError("HYPERVISOR_ERROR", message, { code: Code.INTERNAL, meta, cause });
+  }
+
   /**
+   * With `wholeGroup`, the companions a whole-group Attach added with `id`
+   * (found by their derived ids) go first, then `id`.
    * @returns the device removed (its host BDF "" when the hypervisor no longer says).
    * @throws INVALID_ARGUMENT, VM_NOT_FOUND, VM_AMBIGUOUS, BACKEND_UNSUPPORTED, VM_NOT_RUNNING,
    *   VM_BUSY, and the backend's reasons (DETACH_PENDING names the device in its meta).
    */
-  async detach(request: { vm: string; id: string }, call: Call): Promise<AttachedDevice> {
+  async detach(request: { vm: string; id: string; wholeGroup?: boolean }, call: Call): Promise<AttachedDevice> {
     const vmRef = requireVmRef(request.vm);
     const id = requireDeviceId(request.id);
     call.facts.id = id;
     const { vm, attacher } = await this.resolveAttacher(vmRef, "detach", call);
     try {
-      const removed = await this.mutate(vm, call, () =>
-        attacher.detach(vm, id, this.deps.detachTimeoutMs, call.signal),
-      );
-      if (removed.bdf !== "") call.facts.device = removed.bdf;
-      this.deps.view.detached(vm, removed);
-      return removed;
+      return await this.mutate(vm, call, async () => {
+        if (request.wholeGroup === true) {
+          const devices = await this.deps.backends.lister(vm.hypervisor).list(vm, call.signal);
+          for (const companion of devices.filter((d) => d.id === companionId(id, d.bdf))) {
+            this.deps.view.detached(vm, await attacher.detach(vm, companion.id, this.deps.detachTimeoutMs, call.signal));
+          }
+        }
+        const removed = await attacher.detach(vm, id, this.deps.detachTimeoutMs, call.signal);
+        if (removed.bdf !== "") call.facts.device = removed.bdf;
+        this.deps.view.detached(vm, removed);
+        return removed;
+      });
     } catch (err) {
       if (err instanceof VfiodError && err.meta.device !== undefined) call.facts.device = err.meta.device;
       throw err;

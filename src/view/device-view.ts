@@ -78,9 +78,10 @@ export class DeviceView {
     this.emit({ kind: "detached", vm, device: held ?? device, cause: "vfiod" });
   }
 
-  /** The VMs other than `except` that vfiod knows to hold host device `bdf`. */
-  holdersOf(bdf: string, except: VmRecord): { known: KnownVm; device: AttachedDevice }[] {
-    const keys = [...(this.byBdf.get(bdf) ?? [])].filter((key) => key !== vmKey(except));
+  /** The VMs (other than `except`) that vfiod knows to hold host device `bdf`. */
+  holdersOf(bdf: string, except?: VmRecord): { known: KnownVm; device: AttachedDevice }[] {
+    const skip = except === undefined ? undefined : vmKey(except);
+    const keys = [...(this.byBdf.get(bdf) ?? [])].filter((key) => key !== skip);
     return keys.flatMap((key) => {
       const known = this.vms.get(key);
       const device = known?.devices.find((d) => d.bdf === bdf);

@@ -26,6 +26,7 @@ const faulty: Backend = {
     throw new VfiodError("DETACH_PENDING", "guest has not released device gpu0", { meta: { vm: "odd", id: "gpu0" } });
   },
   list: async () => [],
+  state: async () => "Running",
 };
 
 beforeAll(async () => {

@@ -22,8 +22,8 @@ import type {
 } from "./result";
 
 // Every wait is bounded; lab.sh bounds L1 as a whole.
-/** vfiod took 35-72 s to listen: node under TCG, beside a booting L2. */
-const READY_MS = 90_000;
+/** vfiod took 35-72 s to listen (over 90 s on a loaded host): node under TCG, beside a booting L2. */
+const READY_MS = 180_000;
 const LIST_MS = 30_000;
 /** device_add vfio-pci into a firmware-only L2 took 10-15 s in some runs. */
 const ATTACH_MS = 90_000;
@@ -183,6 +183,13 @@ async function bootTrack(lab: Recorder, config: LabConfig, c: DeviceClient): Pro
   // Both accepted forms of a BDF: the short one with the NIC, the full one with the NVMe,
   // and one id chosen by the caller, one left to vfiod.
   const nicDevice = await attachAndSee("NIC", nic, nic.bdf.replace(/^0000:/, ""), "lab-nic");
+  // The kernel's view: l2's QEMU holds the NIC's group open, so vfiod refuses before l2fw's QEMU is asked.
+  await lab.step(
+    "attach NIC to l2fw while l2 holds it",
+    ATTACH_MS,
+    async () => attached(await c.attach({ vm: config.vms.firmware.name, pci: nic.bdf, id: "lab-nic2" }, { timeoutMs: ATTACH_MS })),
+    { refusal: "DEVICE_IN_USE", keepGoing: true },
+  );
   const nvmeDevice = await attachAndSee("NVMe", nvme, nvme.bdf);
   await lab.step("list l2 with both", LIST_MS, list);
   await detachAndSee("NIC", nic, nicDevice.id);

@@ -55,6 +55,7 @@ export interface StepValues {
   "L2 guest booted": { line: string };
   "attach NIC": { device: LabDevice };
   "L2 guest sees NIC": GuestLine;
+  "attach NIC to l2fw while l2 holds it": { device: LabDevice };
   "attach NVMe": { device: LabDevice };
   "L2 guest sees NVMe": GuestLine;
   "list l2 with both": { devices: LabDevice[] };

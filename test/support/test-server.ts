@@ -3,15 +3,23 @@
 import * as grpc from "@grpc/grpc-js";
 import { promisify } from "node:util";
 import type { BackendRegistry } from "../../src/backends/registry";
-import { createDeviceClient, errorReason, type DeviceClient } from "../../src/grpc/client";
+import {
+  createDeviceClient,
+  createInventoryClient,
+  errorReason,
+  type DeviceClient,
+  type InventoryClient,
+} from "../../src/grpc/client";
 import type { VfiodServerOptions } from "../../src/grpc/server";
 import type { DeviceAllowList } from "../../src/host/device-allow-list";
+import type { CocoonBinaries } from "../../src/inventory/cocoon";
 import { silentLogger, type Logger } from "../../src/log";
 import { assembleVfiod, type Vfiod } from "../../src/vfiod";
 
 export interface TestServerOptions {
   inventoryFile?: string;
   cocoonRoot?: string;
+  cocoonBinaries?: CocoonBinaries;
   procRoot?: string;
   sysfsRoot: string;
   kernelRelease?: string;
@@ -28,6 +36,7 @@ export interface TestServerOptions {
 export interface TestServer {
   readonly address: string;
   readonly client: DeviceClient;
+  readonly inventory: InventoryClient;
   readonly vfiod: Vfiod;
   stop(): Promise<void>;
 }
@@ -38,6 +47,7 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
     log,
     inventoryFile: options.inventoryFile,
     cocoonRoot: options.cocoonRoot ?? "/nonexistent/cocoon",
+    cocoonBinaries: options.cocoonBinaries,
     procRoot: options.procRoot,
     sysfsRoot: options.sysfsRoot,
     kernelRelease: options.kernelRelease,
@@ -54,13 +64,16 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
   vfiod.server.markServing();
   const address = `127.0.0.1:${port}`;
   const client = createDeviceClient(address);
+  const inventory = createInventoryClient(address);
   return {
     address,
     client,
+    inventory,
     vfiod,
     stop: async () => {
       vfiod.refresher.stop();
       client.close();
+      inventory.close();
       await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
     },
   };

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file vfiod/v1/device.proto.
  */
 export const file_vfiod_v1_device: GenFile = /*@__PURE__*/
-  fileDesc("ChV2ZmlvZC92MS9kZXZpY2UucHJvdG8SCHZmaW9kLnYxIjQKDUF0dGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCwoDcGNpGAIgASgJEgoKAmlkGAMgASgJIjIKDkF0dGFjaFJlc3BvbnNlEiAKBmRldmljZRgBIAEoCzIQLnZmaW9kLnYxLkRldmljZSInCg1EZXRhY2hSZXF1ZXN0EgoKAnZtGAEgASgJEgoKAmlkGAIgASgJIhAKDkRldGFjaFJlc3BvbnNlIhkKC0xpc3RSZXF1ZXN0EgoKAnZtGAEgASgJIjEKDExpc3RSZXNwb25zZRIhCgdkZXZpY2VzGAEgAygLMhAudmZpb2QudjEuRGV2aWNlIkIKBkRldmljZRIKCgJpZBgBIAEoCRILCgNiZGYYAiABKAkSDAoEcGF0aBgDIAEoCRIRCglndWVzdF9iZGYYBCABKAkywAEKDURldmljZVNlcnZpY2USOwoGQXR0YWNoEhcudmZpb2QudjEuQXR0YWNoUmVxdWVzdBoYLnZmaW9kLnYxLkF0dGFjaFJlc3BvbnNlEjsKBkRldGFjaBIXLnZmaW9kLnYxLkRldGFjaFJlcXVlc3QaGC52ZmlvZC52MS5EZXRhY2hSZXNwb25zZRI1CgRMaXN0EhUudmZpb2QudjEuTGlzdFJlcXVlc3QaFi52ZmlvZC52MS5MaXN0UmVzcG9uc2ViBnByb3RvMw");
+  fileDesc("ChV2ZmlvZC92MS9kZXZpY2UucHJvdG8SCHZmaW9kLnYxIkkKDUF0dGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCwoDcGNpGAIgASgJEgoKAmlkGAMgASgJEhMKC3dob2xlX2dyb3VwGAQgASgIIlgKDkF0dGFjaFJlc3BvbnNlEiAKBmRldmljZRgBIAEoCzIQLnZmaW9kLnYxLkRldmljZRIkCgpjb21wYW5pb25zGAIgAygLMhAudmZpb2QudjEuRGV2aWNlIjwKDURldGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCgoCaWQYAiABKAkSEwoLd2hvbGVfZ3JvdXAYAyABKAgiEAoORGV0YWNoUmVzcG9uc2UiGQoLTGlzdFJlcXVlc3QSCgoCdm0YASABKAkiMQoMTGlzdFJlc3BvbnNlEiEKB2RldmljZXMYASADKAsyEC52ZmlvZC52MS5EZXZpY2UiQgoGRGV2aWNlEgoKAmlkGAEgASgJEgsKA2JkZhgCIAEoCRIMCgRwYXRoGAMgASgJEhEKCWd1ZXN0X2JkZhgEIAEoCTLAAQoNRGV2aWNlU2VydmljZRI7CgZBdHRhY2gSFy52ZmlvZC52MS5BdHRhY2hSZXF1ZXN0GhgudmZpb2QudjEuQXR0YWNoUmVzcG9uc2USOwoGRGV0YWNoEhcudmZpb2QudjEuRGV0YWNoUmVxdWVzdBoYLnZmaW9kLnYxLkRldGFjaFJlc3BvbnNlEjUKBExpc3QSFS52ZmlvZC52MS5MaXN0UmVxdWVzdBoWLnZmaW9kLnYxLkxpc3RSZXNwb25zZWIGcHJvdG8z");
 
 /**
  * AttachRequest names a VM and a host PCI device.
@@ -45,6 +45,16 @@ export type AttachRequest = Message<"vfiod.v1.AttachRequest"> & {
    * @generated from field: string id = 3;
    */
   id: string;
+
+  /**
+   * Attach every endpoint of the device's IOMMU group (a GPU and its audio
+   * function, say), the requested device first, bridges skipped; all or
+   * nothing. A companion's id is the primary's id, "-", and its BDF without
+   * the domain with ":" and "." as "-": gpu0 + 0000:01:00.1 -> "gpu0-01-00-1".
+   *
+   * @generated from field: bool whole_group = 4;
+   */
+  wholeGroup: boolean;
 };
 
 /**
@@ -66,6 +76,13 @@ export type AttachResponse = Message<"vfiod.v1.AttachResponse"> & {
    * @generated from field: vfiod.v1.Device device = 1;
    */
   device?: Device | undefined;
+
+  /**
+   * With whole_group: the other endpoints of its IOMMU group, attached with it.
+   *
+   * @generated from field: repeated vfiod.v1.Device companions = 2;
+   */
+  companions: Device[];
 };
 
 /**
@@ -94,6 +111,14 @@ export type DetachRequest = Message<"vfiod.v1.DetachRequest"> & {
    * @generated from field: string id = 2;
    */
   id: string;
+
+  /**
+   * Also detach the companions attached with this device by a whole_group
+   * Attach (found by their derived ids), companions first.
+   *
+   * @generated from field: bool whole_group = 3;
+   */
+  wholeGroup: boolean;
 };
 
 /**

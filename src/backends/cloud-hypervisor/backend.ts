@@ -254,6 +254,11 @@ export class CloudHypervisorBackend implements DeviceLister, DeviceAttacher {
     return heldDevice(id, bdf, info);
   }
 
+  /** vm.info's state: Created, Running, Paused, Shutdown, BreakPoint (cloud-hypervisor.md §2). */
+  async state(vm: VmRecord, signal: AbortSignal): Promise<string> {
+    return (await this.client(vm).vmInfo(signal)).state;
+  }
+
   /**
    * The VFIO devices in config.devices, in CH's order, then those whose removal
    * vfiod requested and the guest has not finished (still held); [] when no VM

@@ -155,6 +155,11 @@ export class QemuBackend implements DeviceLister, DeviceAttacher {
     });
   }
 
+  /** query-status: running, paused, prelaunch, shutdown, ... */
+  state(vm: VmRecord, signal: AbortSignal): Promise<string> {
+    return this.session(vm, signal, (monitor) => monitor.status());
+  }
+
   /** Every vfio-pci device, pending removals included; concurrent callers share one session. */
   list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
     const what = `qemu VM ${JSON.stringify(vm.name)}: list`;
@@ -241,9 +246,13 @@ class Monitor {
     this.label = client.label;
   }
 
+  async status(): Promise<string> {
+    return String(((await this.run("query-status")) as { status: unknown }).status);
+  }
+
   /** @throws VM_PAUSED, VM_NOT_RUNNING (prelaunch, shutdown, ...) */
   async requireRunning(): Promise<void> {
-    const { status } = (await this.run("query-status")) as { status: string };
+    const status = await this.status();
     if (status === "running") return;
     const meta = { vm: this.vmId, status };
     if (status === "paused") throw new VfiodError("VM_PAUSED", `${this.label} is paused; resume it first`, { meta });
