@@ -58,3 +58,33 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
     },
   };
 }
+
+export interface VfiodRun {
+  /** Exit code, signal name, or "running" when it was still running at the time limit (then killed). */
+  readonly exit: number | string;
+  readonly logs: Record<string, unknown>[];
+  readonly stderr: string;
+}
+
+/**
+ * Runs the real vfiod binary with exactly `args` (no default --listen) and waits
+ * for it to exit, for a start that must fail; kills it after `timeoutMs`.
+ */
+export async function runVfiodToExit(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15_000): Promise<VfiodRun> {
+  const child = spawn(process.execPath, [MAIN_JS, ...args], {
+    env: { PATH: process.env.PATH, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let stderr = "";
+  child.stderr!.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
+  const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+  const exit = await new Promise<number | string>((resolve) =>
+    child.once("exit", (code, signal) => resolve(signal === "SIGKILL" ? "running" : (code ?? signal ?? "unknown"))),
+  );
+  clearTimeout(timer);
+  const logs = stderr
+    .split("\n")
+    .filter((line) => line.startsWith("{"))
+    .map((line) => JSON.parse(line) as Record<string, unknown>);
+  return { exit, logs, stderr };
+}
