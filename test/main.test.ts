@@ -156,14 +156,12 @@ describe("--listen none: the Unix socket alone (issue 8 item 2)", () => {
     ["VFIOD_LISTEN=none", [], { VFIOD_LISTEN: "none" }],
   ])("%s: no TCP socket listens, and gRPC over unix: works", async (_name, args, env) => {
     const socket = path.join(dir, "vfiod.sock");
-    // startVfiod passes --listen 127.0.0.1:0 first: a later --listen wins; with none given, VFIOD_LISTEN is not read.
-    vfiod =
-      args.length > 0
-        ? await startVfiod(["--cocoon-root", dir, "--socket", socket, ...args], env)
-        : await startVfiodWithout("--listen", ["--cocoon-root", dir, "--socket", socket], env);
+    // With no --listen at all, VFIOD_LISTEN is read (a flag would win over it).
+    vfiod = await startVfiod(["--cocoon-root", dir, "--socket", socket, ...args], env, { ephemeralListen: false });
     const serving = vfiod.logs.find((l) => l.msg === "vfiod serving");
     expect(serving).toMatchObject({ listen: "none", socket });
     expect(serving?.port).toBeUndefined();
+    expect(vfiod.address).toBe("");
     expect(listeningTcpPorts(vfiod.child.pid!)).toEqual([]);
     expect(await checkHealth(`unix:${socket}`, "vfiod.v1.DeviceService")).toBe("SERVING");
     const client = createDeviceClient(`unix:${socket}`);
@@ -181,37 +179,6 @@ describe("--listen none: the Unix socket alone (issue 8 item 2)", () => {
     expect(listeningTcpPorts(vfiod.child.pid!)).toEqual([Number(vfiod.address.split(":")[1])]);
   });
 });
-
-/** startVfiod, but with the real process's own default for `flag` (startVfiod always gives --listen). */
-async function startVfiodWithout(flag: "--listen", args: string[], env: NodeJS.ProcessEnv): Promise<VfiodProcess> {
-  const child = spawn(process.execPath, [MAIN_JS, ...args], { env: { PATH: process.env.PATH, ...env }, stdio: ["ignore", "ignore", "pipe"] });
-  const logs: Record<string, unknown>[] = [];
-  const exited = new Promise<number | string>((resolve) => child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown")));
-  let buffered = "";
-  await new Promise<void>((resolve, reject) => {
-    child.stderr!.setEncoding("utf8").on("data", (chunk: string) => {
-      buffered += chunk;
-      const lines = buffered.split("\n");
-      buffered = lines.pop()!;
-      for (const line of lines) {
-        const entry = JSON.parse(line) as Record<string, unknown>;
-        logs.push(entry);
-        if (entry.msg === "vfiod serving") resolve();
-      }
-    });
-    void exited.then((code) => reject(new Error(`vfiod (without ${flag}) exited ${code}: ${buffered}`)));
-  });
-  return {
-    child,
-    address: "",
-    logs,
-    exited,
-    stop: () => {
-      if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
-      return exited;
-    },
-  };
-}
 
 describe("--socket start-up (issue 8 item 3)", () => {
   test("a second vfiod on the socket another serves refuses to start, and the first keeps serving", async () => {

@@ -9,14 +9,14 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { AttachRequestSchema, ListRequestSchema } from "../../gen/vfiod/v1/device_pb";
-import { AuditLog, type AuditEntry } from "../../src/audit";
+import { AuditLog } from "../../src/audit";
 import { errorReason } from "../../src/grpc/client";
 import { DeviceAllowList } from "../../src/host/device-allow-list";
 import { ChDouble, type ChVmState } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { rawVmInfo } from "../support/load";
 import { failure, startTestServer, type TestServer, type TestServerOptions } from "../support/test-server";
-import { capturingLogger, type LogLine } from "../support/log-capture";
+import { capturingLogger, readAuditLog, type LogLine } from "../support/log-capture";
 import { waitFor } from "../support/wait";
 
 let dir: string;
@@ -454,14 +454,6 @@ describe("Firecracker is refused before the host or locks are looked at (issue 8
 describe("the audit line says what changed (issue 8 item 15)", () => {
   const VM_ID = "a1b2c3d4e5f60718";
 
-  function audited(file: string): AuditEntry[] {
-    return fs
-      .readFileSync(file, "utf8")
-      .split("\n")
-      .filter((line) => line !== "")
-      .map((line) => JSON.parse(line) as AuditEntry);
-  }
-
   test("resolved VM id and name (not the prefix typed), the canonical BDF attached, and the BDF a Detach removed", async () => {
     const inventoryFile = path.join(dir, "ids.json");
     fs.writeFileSync(
@@ -481,7 +473,7 @@ describe("the audit line says what changed (issue 8 item 15)", () => {
     expect(await failure(audit.client.detach({ vm: "gpu-vm", id: device!.id }))).toMatchObject({ reason: "DETACH_PENDING" });
     expect(await failure(audit.client.attach({ vm: "a1b2c", pci: "/etc/passwd", id: "" }))).toMatchObject({ reason: "INVALID_ARGUMENT" });
 
-    const entries = audited(auditFile);
+    const entries = readAuditLog(auditFile);
     const resolved = { vm: VM_ID, vmName: "gpu-vm", caller: expect.any(String), requestId: expect.any(String), ms: expect.any(Number) };
     expect(entries).toEqual([
       { time: expect.any(String), ...resolved, method: "Attach", vmRef: "a1b2c", device: "0000:01:00.0", id: "gpu0", outcome: "OK", code: 0 },
@@ -596,12 +588,6 @@ describe("request ids (issue 10 item 5)", () => {
     auditFile = path.join(dir, "audit.jsonl");
     logged = await serverWith({ log: capture.log, server: { audit: AuditLog.open(auditFile) } });
   });
-  const auditLines = () =>
-    fs
-      .readFileSync(auditFile, "utf8")
-      .split("\n")
-      .filter((line) => line !== "")
-      .map((line) => JSON.parse(line) as AuditEntry);
 
   test("the caller's id comes back in the initial metadata and the trailers, and is on the log line", async () => {
     const id = `ctl-${randomUUID()}`;
@@ -620,7 +606,7 @@ describe("request ids (issue 10 item 5)", () => {
     expect(initial?.get("x-request-id")).toEqual([id]);
     expect(status.metadata.get("x-request-id")).toEqual([id]);
     expect(lines.filter((l) => l.requestId === id)).toEqual([expect.objectContaining({ msg: "Attach refused", reason: "VM_NOT_RUNNING" })]);
-    expect(auditLines()).toEqual([expect.objectContaining({ requestId: id, method: "Attach", outcome: "VM_NOT_RUNNING" })]);
+    expect(readAuditLog(auditFile)).toEqual([expect.objectContaining({ requestId: id, method: "Attach", outcome: "VM_NOT_RUNNING" })]);
   });
 
   test("the typed client's error carries it in its trailers", async () => {

@@ -9,7 +9,7 @@ export const CLI_JS = path.resolve(__dirname, "../../dist/src/cli.js");
 
 export interface VfiodProcess {
   readonly child: ChildProcess;
-  /** "127.0.0.1:<port>" of the TCP listener. */
+  /** "127.0.0.1:<port>" of the TCP listener; "" when it has none (--listen none). */
   readonly address: string;
   /** Every JSON log line so far. */
   readonly logs: Record<string, unknown>[];
@@ -18,8 +18,14 @@ export interface VfiodProcess {
   stop(): Promise<number | string>;
 }
 
-export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): Promise<VfiodProcess> {
-  const child = spawn(process.execPath, [MAIN_JS, "--listen", "127.0.0.1:0", ...args], {
+export interface StartOptions {
+  /** false: pass no `--listen 127.0.0.1:0` first, so VFIOD_LISTEN or the process's default applies. */
+  readonly ephemeralListen?: boolean;
+}
+
+export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}, options: StartOptions = {}): Promise<VfiodProcess> {
+  const listen = options.ephemeralListen === false ? [] : ["--listen", "127.0.0.1:0"];
+  const child = spawn(process.execPath, [MAIN_JS, ...listen, ...args], {
     env: { PATH: process.env.PATH, ...env },
     stdio: ["ignore", "ignore", "pipe"],
   });
@@ -27,7 +33,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
   const exited = new Promise<number | string>((resolve) =>
     child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown")),
   );
-  const port = await new Promise<number>((resolve, reject) => {
+  const port = await new Promise<number | undefined>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("vfiod did not start within 15 s")), 15_000);
     readline.createInterface({ input: child.stderr! }).on("line", (line) => {
       let entry: Record<string, unknown>;
@@ -39,7 +45,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
       logs.push(entry);
       if (entry.msg === "vfiod serving") {
         clearTimeout(timer);
-        resolve(Number(entry.port));
+        resolve(entry.port === undefined ? undefined : Number(entry.port));
       }
     });
     void exited.then((code) => {
@@ -49,7 +55,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
   });
   return {
     child,
-    address: `127.0.0.1:${port}`,
+    address: port === undefined ? "" : `127.0.0.1:${port}`,
     logs,
     exited,
     stop: () => {
