@@ -88,3 +88,99 @@ test.each([
 ])("parseDuration(%j) = %j", (text, ms) => {
   expect(parseDuration(text)).toBe(ms);
 });
+
+test("every flag's default, including those the contract leaves to vfiod", () => {
+  expect(parseConfig([], {})).toMatchObject({
+    procRoot: "/proc",
+    cocoonBinaries: { cloudHypervisor: "cloud-hypervisor", firecracker: "firecracker" },
+    hypervisorTimeoutMs: 30_000,
+    refreshIntervalMs: 30_000,
+    socketGroup: undefined,
+    inventory: undefined,
+    auditLog: undefined,
+    metricsListen: undefined,
+    logLevel: "info",
+  });
+});
+
+describe("boolean variables are read strictly (issue 8 item 1)", () => {
+  test("VFIOD_INSECURE=false does not allow plaintext off the loopback", () => {
+    const err = usageError(["--listen", "0.0.0.0:50051"], { VFIOD_INSECURE: "false" });
+    expect(err.message).toContain("refusing plaintext");
+    expect(err.usage).toContain("--insecure");
+  });
+
+  test.each(["1", "true", "TRUE", "yes", "Yes", "on", "ON", " on "])("VFIOD_INSECURE=%j is true", (value) => {
+    expect(parseConfig(["--listen", "0.0.0.0:50051"], { VFIOD_INSECURE: value }).insecure).toBe(true);
+  });
+
+  test.each(["0", "false", "False", "no", "NO", "off", "Off", ""])("VFIOD_INSECURE=%j is false", (value) => {
+    expect(parseConfig([], { VFIOD_INSECURE: value }).insecure).toBe(false);
+  });
+
+  test.each(["maybe", "2", "enabled", "y", "t", "-1"])("VFIOD_INSECURE=%j is a usage error naming the variable", (value) => {
+    const err = usageError([], { VFIOD_INSECURE: value });
+    expect(err.message).toContain("VFIOD_INSECURE");
+    expect(err.message).toContain("expected 1/true/yes/on or 0/false/no/off");
+    expect(err.usage).toContain("--detach-timeout");
+  });
+
+  test("--insecure on the command line wins over VFIOD_INSECURE=0", () => {
+    expect(parseConfig(["--insecure", "--listen", "0.0.0.0:1"], { VFIOD_INSECURE: "0" }).insecure).toBe(true);
+  });
+});
+
+test.each([
+  [{ VFIOD_DETACH_TIMEOUT: "abc" }, "duration"],
+  [{ VFIOD_DETACH_TIMEOUT: "10" }, "duration"],
+  [{ VFIOD_SOCKET_MODE: "999" }, "octal"],
+  [{ VFIOD_HYPERVISOR_TIMEOUT: "0s" }, "more than 0"],
+  [{ VFIOD_HYPERVISOR_TIMEOUT: "2h" }, "at most 1h"],
+  [{ VFIOD_REFRESH_INTERVAL: "often" }, "duration"],
+  [{ VFIOD_LOG_LEVEL: "loud" }, "loud"],
+  [{ VFIOD_LISTEN: "nonsense" }, "HOST:PORT"],
+  [{ VFIOD_METRICS_LISTEN: "9100" }, "HOST:PORT"],
+])("a bad value in %j is a usage error like the flag's", (env, message) => {
+  const err = usageError([], env);
+  expect(err.message).toContain(message);
+  expect(err.usage).toContain("--detach-timeout");
+});
+
+describe("--listen none: the Unix socket alone (issue 8 item 2)", () => {
+  test.each([
+    [["--listen", "none", "--socket", "/run/vfiod.sock"], {}],
+    [["--listen", "", "--socket", "/run/vfiod.sock"], {}],
+    [[], { VFIOD_LISTEN: "none", VFIOD_SOCKET: "/run/vfiod.sock" }],
+    [[], { VFIOD_LISTEN: "", VFIOD_SOCKET: "/run/vfiod.sock" }],
+  ])("%j %j: no TCP listener", (argv, env) => {
+    expect(parseConfig(argv, env)).toMatchObject({ listen: undefined, socket: "/run/vfiod.sock" });
+  });
+
+  test.each([[["--listen", "none"]], [["--listen", ""]]])("%j without --socket serves nowhere: a usage error", (argv) => {
+    expect(usageError(argv).message).toContain("--listen none needs --socket");
+  });
+
+  test("no TCP listener means no plaintext-off-loopback question", () => {
+    expect(parseConfig(["--listen", "none", "--socket", "/s"], {}).insecure).toBe(false);
+  });
+});
+
+describe("metrics off the loopback need --insecure (issue 8 item 4)", () => {
+  test("--metrics-listen 0.0.0.0:9100 without --insecure is a usage error", () => {
+    const err = usageError(["--metrics-listen", "0.0.0.0:9100"]);
+    expect(err.message).toContain("refusing plaintext metrics on non-loopback 0.0.0.0:9100");
+  });
+
+  test.each([
+    [["--metrics-listen", "0.0.0.0:9100", "--insecure"], {}],
+    [["--metrics-listen", "0.0.0.0:9100"], { VFIOD_INSECURE: "yes" }],
+    [["--metrics-listen", "127.0.0.1:9100"], {}],
+    [["--metrics-listen", "[::1]:9100"], {}],
+  ])("%j %j is accepted", (argv, env) => {
+    expect(parseConfig(argv, env).metricsListen).toBe(argv[1]);
+  });
+
+  test("VFIOD_INSECURE=off does not open metrics off the loopback", () => {
+    expect(usageError(["--metrics-listen", "0.0.0.0:9100"], { VFIOD_INSECURE: "off" }).message).toContain("refusing plaintext metrics");
+  });
+});

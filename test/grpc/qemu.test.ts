@@ -1,12 +1,15 @@
 // DeviceService over real gRPC against real QEMU (Debian's qemu-system-x86_64):
 // refusals that must not reach QEMU, QEMU's own errors, slot exhaustion and a
-// busy monitor. A successful vfio-pci realize needs VFIO hardware: see test/lab.
+// busy monitor. A successful vfio-pci realize needs VFIO hardware: see test/lab;
+// the QMP double (test/support/qmp-double.ts) stands in for it below, for removals
+// the guest acknowledges late or never.
 import * as grpc from "@grpc/grpc-js";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
+import { QmpDouble } from "../support/qmp-double";
 import { qemuAvailable, startQemu, type QemuVm } from "../support/qemu-vm";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
 
@@ -116,6 +119,80 @@ describeQemu("against real QEMU", () => {
       expect(err).toMatchObject({ code: grpc.status.UNAVAILABLE, reason: "HYPERVISOR_UNAVAILABLE" });
       expect(err.message).toMatch(/busy/);
       expect(Date.now() - started).toBeLessThan(8000);
+    });
+  });
+});
+
+// A QMP double whose vfio-pci realizes, and whose guest acknowledges a removal only when told.
+describe.each(["acpi", "native"] as const)("against the QMP double, %s hot-plug", (hotplug) => {
+  const GPU = "0000:01:00.0";
+  let dir: string;
+  let sysfs: FakeSysfs;
+  let qmp: QmpDouble;
+  let server: TestServer;
+
+  beforeEach(async () => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), "vfiod-qdouble-"));
+    sysfs = buildFakeSysfs([{ bdf: GPU, driver: "vfio-pci", group: 12 }]);
+    qmp = await QmpDouble.start({ hotplug, unplugAfterMs: null, hostDevices: [GPU] });
+    const inventoryFile = path.join(dir, "inventory.json");
+    fs.writeFileSync(inventoryFile, JSON.stringify({ vms: [{ name: "q", hypervisor: "qemu", socket: qmp.socket }] }));
+    server = await startTestServer({ inventoryFile, sysfsRoot: sysfs.root, detachTimeoutMs: 300 });
+  });
+
+  afterEach(async () => {
+    await server.stop();
+    await qmp.close();
+    sysfs.cleanup();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  async function pendingRemoval(): Promise<void> {
+    expect((await server.client.attach({ vm: "q", pci: "01:00.0", id: "gpu0" })).device).toMatchObject({ id: "gpu0", bdf: GPU });
+    expect(await failure(server.client.detach({ vm: "q", id: "gpu0" }))).toMatchObject({
+      code: grpc.status.DEADLINE_EXCEEDED,
+      reason: "DETACH_PENDING",
+    });
+  }
+
+  test("Attach of a device whose removal is pending is refused, saying so, under its id or another (issue 8 item 5)", async () => {
+    await pendingRemoval();
+    const sameId = await failure(server.client.attach({ vm: "q", pci: "01:00.0", id: "gpu0" }));
+    expect(sameId).toMatchObject({ code: grpc.status.ALREADY_EXISTS, reason: "ID_IN_USE" });
+    expect(sameId.message).toContain("removal is pending");
+    const otherId = await failure(server.client.attach({ vm: "q", pci: "01:00.0", id: "gpu1" }));
+    expect(otherId).toMatchObject({ code: grpc.status.ALREADY_EXISTS, reason: "DEVICE_ALREADY_ATTACHED" });
+    expect(otherId.message).toContain("removal is pending");
+    expect(otherId.message).toContain('"gpu0"');
+    expect(qmp.commands("device_add")).toHaveLength(1);
+    // Once the guest lets go, the same Attach goes through.
+    qmp.completeUnplugs();
+    expect((await server.client.attach({ vm: "q", pci: "01:00.0", id: "gpu0" })).device).toMatchObject({ id: "gpu0", bdf: GPU });
+  });
+
+  test("DETACH_PENDING, the guest acknowledges, Detach again answers OK (and again), with one device_del (issue 8 item 7)", async () => {
+    await pendingRemoval();
+    qmp.completeUnplugs();
+    await expect(server.client.detach({ vm: "q", id: "gpu0" })).resolves.toBeDefined();
+    await expect(server.client.detach({ vm: "q", id: "gpu0" })).resolves.toBeDefined();
+    expect(qmp.commands("device_del")).toHaveLength(1);
+    expect((await server.client.list({ vm: "q" })).devices).toEqual([]);
+  });
+
+  test("with a List between the acknowledgement and the retry, the retry is still OK (issue 8 item 7)", async () => {
+    await pendingRemoval();
+    qmp.completeUnplugs();
+    expect((await server.client.list({ vm: "q" })).devices).toEqual([]);
+    await expect(server.client.detach({ vm: "q", id: "gpu0" })).resolves.toBeDefined();
+    expect(qmp.commands("device_del")).toHaveLength(1);
+  });
+
+  test("an id vfiod never removed is DEVICE_NOT_ATTACHED (issue 8 item 7)", async () => {
+    await pendingRemoval();
+    qmp.completeUnplugs();
+    expect(await failure(server.client.detach({ vm: "q", id: "gpu1" }))).toMatchObject({
+      code: grpc.status.NOT_FOUND,
+      reason: "DEVICE_NOT_ATTACHED",
     });
   });
 });

@@ -11,6 +11,7 @@ import { errorInfo } from "../../src/grpc/client";
 import { bufCurlCall } from "../support/buf-curl";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { checkHealth, reflect, reflectFiles } from "../support/grpc-clients";
+import { capturingLogger } from "../support/log-capture";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
 
 let dir: string;
@@ -107,4 +108,36 @@ test("malformed request bytes are refused, and the server keeps serving", async 
   client.close();
   expect([grpc.status.INTERNAL, grpc.status.INVALID_ARGUMENT]).toContain(code);
   expect(await checkHealth(server.address, "")).toBe("SERVING");
+});
+
+test("a bug is logged once at error with its stack, the refusal beside it at info without one (issue 8 item 16)", async () => {
+  const { log, lines } = capturingLogger("info");
+  const logged = await startTestServer({
+    inventoryFile: path.join(dir, "inventory.json"),
+    sysfsRoot: sysfs.root,
+    backends: new BackendRegistry().register("faulty", faulty),
+    log,
+  });
+  try {
+    const bug = new grpc.Metadata();
+    bug.set("x-request-id", "bug-1");
+    expect((await failure(logged.client.attach({ vm: "odd", pci: "01:00.0", id: "" }, { metadata: bug }))).code).toBe(grpc.status.INTERNAL);
+    const refusal = new grpc.Metadata();
+    refusal.set("x-request-id", "refusal-1");
+    expect((await failure(logged.client.detach({ vm: "odd", id: "gpu0" }, { metadata: refusal }))).reason).toBe("DETACH_PENDING");
+  } finally {
+    await logged.stop();
+  }
+  const bugLines = lines.filter((l) => l.requestId === "bug-1");
+  expect(bugLines).toEqual([
+    expect.objectContaining({ level: 50, msg: "Attach failed: internal error", method: "Attach", vmRef: "odd", vm: "odd" }),
+  ]);
+  const err = bugLines[0]!.err as { type: string; message: string; stack: string };
+  expect(err.type).toBe("TypeError");
+  expect(err.stack).toMatch(/^TypeError: Cannot read properties of undefined[^\n]*\n\s+at /);
+  const refusalLines = lines.filter((l) => l.requestId === "refusal-1");
+  expect(refusalLines).toEqual([
+    expect.objectContaining({ level: 30, msg: "Detach refused", reason: "DETACH_PENDING", code: "DEADLINE_EXCEEDED", message: "guest has not released device gpu0" }),
+  ]);
+  expect(JSON.stringify(refusalLines)).not.toContain("stack");
 });

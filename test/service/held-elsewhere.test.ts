@@ -166,7 +166,7 @@ describe("without access to other processes' open files (not root)", () => {
     fs.chmodSync(sysfs.root, 0o755);
     for (const double of doubles.values()) fs.chmodSync(double.socketPath, 0o777);
     const args = ["--inventory", inventoryFile, "--sysfs-root", sysfs.root, "--cocoon-root", path.join(dir, "none"), "--refresh-interval", "1h"];
-    const vfiod = await startVfiod(args, {}, { uid: 65534, gid: 65534 });
+    const vfiod = await startVfiod(args, {}, { as: { uid: 65534, gid: 65534 } });
     const client = createDeviceClient(vfiod.address);
     try {
       // After vfiod's first background read of vm-a, so it knows nothing of this device.

@@ -8,11 +8,12 @@ import { type ChildProcessWithoutNullStreams, spawn, spawnSync } from "node:chil
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { AuditLog, type AuditEntry } from "../../src/audit";
+import { AuditLog } from "../../src/audit";
 import { Code } from "../../src/errors";
 import { withOpsFlock } from "../../src/service/ops-flock";
 import { ChDouble } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
+import { readAuditLog } from "../support/log-capture";
 import { vfiodRejection } from "../support/rejection";
 import { commandRuns } from "../support/skip";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
@@ -173,12 +174,7 @@ describeFlock("Attach to a cocoon VM whose ops.lock another process holds, over 
   });
 
   const addDevices = () => ch.requests.filter((r) => r.endpoint === "vm.add-device");
-  const audited = () =>
-    fs
-      .readFileSync(auditFile, "utf8")
-      .split("\n")
-      .filter((line) => line !== "")
-      .map((line) => JSON.parse(line) as AuditEntry);
+  const audited = () => readAuditLog(auditFile);
 
   test("Attach with a 1 s deadline waits for the lock, then answers ABORTED (VM_BUSY) before the deadline; CH gets no add-device", async () => {
     // The VM resolves and its CH answers: only the lock stands in the way.

@@ -9,7 +9,7 @@ export const CLI_JS = path.resolve(__dirname, "../../dist/src/cli.js");
 
 export interface VfiodProcess {
   readonly child: ChildProcess;
-  /** "127.0.0.1:<port>" of the TCP listener. */
+  /** "127.0.0.1:<port>" of the TCP listener; "" when it has none (--listen none). */
   readonly address: string;
   /** Every JSON log line so far. */
   readonly logs: Record<string, unknown>[];
@@ -18,22 +18,25 @@ export interface VfiodProcess {
   stop(): Promise<number | string>;
 }
 
-/** `as` runs it as another user (root only). */
-export async function startVfiod(
-  args: string[],
-  env: NodeJS.ProcessEnv = {},
-  as: { uid: number; gid: number } | undefined = undefined,
-): Promise<VfiodProcess> {
-  const child = spawn(process.execPath, [MAIN_JS, "--listen", "127.0.0.1:0", ...args], {
+export interface StartOptions {
+  /** false: pass no `--listen 127.0.0.1:0` first, so VFIOD_LISTEN or the process's default applies. */
+  readonly ephemeralListen?: boolean;
+  /** Runs it as another user (root only). */
+  readonly as?: { readonly uid: number; readonly gid: number };
+}
+
+export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}, options: StartOptions = {}): Promise<VfiodProcess> {
+  const listen = options.ephemeralListen === false ? [] : ["--listen", "127.0.0.1:0"];
+  const child = spawn(process.execPath, [MAIN_JS, ...listen, ...args], {
     env: { PATH: process.env.PATH, ...env },
     stdio: ["ignore", "ignore", "pipe"],
-    ...as,
+    ...options.as,
   });
   const logs: Record<string, unknown>[] = [];
   const exited = new Promise<number | string>((resolve) =>
     child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown")),
   );
-  const port = await new Promise<number>((resolve, reject) => {
+  const port = await new Promise<number | undefined>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("vfiod did not start within 15 s")), 15_000);
     readline.createInterface({ input: child.stderr! }).on("line", (line) => {
       let entry: Record<string, unknown>;
@@ -45,7 +48,7 @@ export async function startVfiod(
       logs.push(entry);
       if (entry.msg === "vfiod serving") {
         clearTimeout(timer);
-        resolve(Number(entry.port));
+        resolve(entry.port === undefined ? undefined : Number(entry.port));
       }
     });
     void exited.then((code) => {
@@ -55,7 +58,7 @@ export async function startVfiod(
   });
   return {
     child,
-    address: `127.0.0.1:${port}`,
+    address: port === undefined ? "" : `127.0.0.1:${port}`,
     logs,
     exited,
     stop: () => {
@@ -63,4 +66,34 @@ export async function startVfiod(
       return exited;
     },
   };
+}
+
+export interface VfiodRun {
+  /** Exit code, signal name, or "running" when it was still running at the time limit (then killed). */
+  readonly exit: number | string;
+  readonly logs: Record<string, unknown>[];
+  readonly stderr: string;
+}
+
+/**
+ * Runs the real vfiod binary with exactly `args` (no default --listen) and waits
+ * for it to exit, for a start that must fail; kills it after `timeoutMs`.
+ */
+export async function runVfiodToExit(args: string[], env: NodeJS.ProcessEnv = {}, timeoutMs = 15_000): Promise<VfiodRun> {
+  const child = spawn(process.execPath, [MAIN_JS, ...args], {
+    env: { PATH: process.env.PATH, ...env },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let stderr = "";
+  child.stderr!.setEncoding("utf8").on("data", (chunk: string) => (stderr += chunk));
+  const timer = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
+  const exit = await new Promise<number | string>((resolve) =>
+    child.once("exit", (code, signal) => resolve(signal === "SIGKILL" ? "running" : (code ?? signal ?? "unknown"))),
+  );
+  clearTimeout(timer);
+  const logs = stderr
+    .split("\n")
+    .filter((line) => line.startsWith("{"))
+    .map((line) => JSON.parse(line) as Record<string, unknown>);
+  return { exit, logs, stderr };
 }
