@@ -13,13 +13,25 @@ export interface VfiodProcess {
   readonly address: string;
   /** Every JSON log line so far. */
   readonly logs: Record<string, unknown>[];
+  /** Milliseconds from spawn to the "vfiod serving" log line. */
+  readonly servingAfterMs: number;
   /** Resolves with the exit code (or signal name) once the process ends. */
   readonly exited: Promise<number | string>;
   stop(): Promise<number | string>;
 }
 
-export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): Promise<VfiodProcess> {
-  const child = spawn(process.execPath, [MAIN_JS, "--listen", "127.0.0.1:0", ...args], {
+/**
+ * Starts `node MAIN_JS --listen 127.0.0.1:0 ...args`; `command` replaces `node MAIN_JS` (e.g. a
+ * wrapper that execs node on another copy of the server).
+ */
+export async function startVfiod(
+  args: string[],
+  env: NodeJS.ProcessEnv = {},
+  command: readonly string[] = [process.execPath, MAIN_JS],
+): Promise<VfiodProcess> {
+  const [executable, ...prefix] = command as [string, ...string[]];
+  const started = performance.now();
+  const child = spawn(executable, [...prefix, "--listen", "127.0.0.1:0", ...args], {
     env: { PATH: process.env.PATH, ...env },
     stdio: ["ignore", "ignore", "pipe"],
   });
@@ -27,6 +39,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
   const exited = new Promise<number | string>((resolve) =>
     child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown")),
   );
+  let servingAfterMs = 0;
   const port = await new Promise<number>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("vfiod did not start within 15 s")), 15_000);
     readline.createInterface({ input: child.stderr! }).on("line", (line) => {
@@ -38,6 +51,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
       }
       logs.push(entry);
       if (entry.msg === "vfiod serving") {
+        servingAfterMs = performance.now() - started;
         clearTimeout(timer);
         resolve(Number(entry.port));
       }
@@ -51,6 +65,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}): P
     child,
     address: `127.0.0.1:${port}`,
     logs,
+    servingAfterMs,
     exited,
     stop: () => {
       if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
