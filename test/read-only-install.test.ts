@@ -1,13 +1,12 @@
 // vfiod starts and serves from a read-only install (a package under /usr/lib, a container with
 // readOnlyRootFilesystem): the built server writes nothing beside itself, and neither does
-// `npm start`. The install is what deploy/Containerfile ships: dist/src, dist/gen,
-// package.json and node_modules.
+// `npm start`. The install is what deploy/Containerfile ships: INSTALL_PARTS and node_modules.
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { checkHealth } from "./support/grpc-clients";
 import { commandRuns } from "./support/skip";
-import { startVfiod, type VfiodProcess } from "./support/vfiod-process";
+import { INSTALL_PARTS, startVfiod, type VfiodProcess } from "./support/vfiod-process";
 
 const CHECKOUT = path.resolve(__dirname, "..");
 /** The real directory behind the checkout's node_modules (a worktree's may be a symlink). */
@@ -38,7 +37,7 @@ afterEach(async () => {
 /** Copies the built server into `<dir>/vfiod`, without node_modules. */
 function copyInstall(): string {
   const install = path.join(dir, "vfiod");
-  for (const part of ["dist/src", "dist/gen", "package.json"]) {
+  for (const part of INSTALL_PARTS) {
     fs.cpSync(path.join(CHECKOUT, part), path.join(install, part), { recursive: true });
   }
   return install;

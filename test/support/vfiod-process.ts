@@ -6,6 +6,8 @@ import readline from "node:readline";
 
 export const MAIN_JS = path.resolve(__dirname, "../../dist/src/main.js");
 export const CLI_JS = path.resolve(__dirname, "../../dist/src/cli.js");
+/** What an install of the built server holds beside node_modules (deploy/Containerfile ships these). */
+export const INSTALL_PARTS = ["package.json", "dist/src", "dist/gen"] as const;
 
 export interface VfiodProcess {
   readonly child: ChildProcess;
