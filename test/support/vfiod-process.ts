@@ -6,11 +6,15 @@ import readline from "node:readline";
 
 export const MAIN_JS = path.resolve(__dirname, "../../dist/src/main.js");
 export const CLI_JS = path.resolve(__dirname, "../../dist/src/cli.js");
+/** What an install of the built server holds beside node_modules (deploy/Containerfile ships these). */
+export const INSTALL_PARTS = ["package.json", "dist/src", "dist/gen"] as const;
 
 export interface VfiodProcess {
   readonly child: ChildProcess;
   /** "127.0.0.1:<port>" of the TCP listener; "" when it has none (--listen none). */
   readonly address: string;
+  /** Milliseconds from spawn to the "vfiod serving" log line. */
+  readonly servingAfterMs: number;
   /** Every JSON log line so far. */
   readonly logs: Record<string, unknown>[];
   /** Resolves with the exit code (or signal name) once the process ends. */
@@ -23,11 +27,16 @@ export interface StartOptions {
   readonly ephemeralListen?: boolean;
   /** Runs it as another user (root only). */
   readonly as?: { readonly uid: number; readonly gid: number };
+  /** Replaces `node MAIN_JS` (e.g. a wrapper that execs node on another copy of the server). */
+  readonly command?: readonly string[];
 }
 
+/** Starts `node MAIN_JS --listen 127.0.0.1:0 ...args` and waits for it to log that it serves. */
 export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}, options: StartOptions = {}): Promise<VfiodProcess> {
   const listen = options.ephemeralListen === false ? [] : ["--listen", "127.0.0.1:0"];
-  const child = spawn(process.execPath, [MAIN_JS, ...listen, ...args], {
+  const [executable, ...prefix] = (options.command ?? [process.execPath, MAIN_JS]) as [string, ...string[]];
+  const started = performance.now();
+  const child = spawn(executable, [...prefix, ...listen, ...args], {
     env: { PATH: process.env.PATH, ...env },
     stdio: ["ignore", "ignore", "pipe"],
     ...options.as,
@@ -36,6 +45,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}, op
   const exited = new Promise<number | string>((resolve) =>
     child.once("exit", (code, signal) => resolve(code ?? signal ?? "unknown")),
   );
+  let servingAfterMs = 0;
   const port = await new Promise<number | undefined>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error("vfiod did not start within 15 s")), 15_000);
     readline.createInterface({ input: child.stderr! }).on("line", (line) => {
@@ -48,6 +58,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}, op
       logs.push(entry);
       if (entry.msg === "vfiod serving") {
         clearTimeout(timer);
+        servingAfterMs = performance.now() - started;
         resolve(entry.port === undefined ? undefined : Number(entry.port));
       }
     });
@@ -59,6 +70,7 @@ export async function startVfiod(args: string[], env: NodeJS.ProcessEnv = {}, op
   return {
     child,
     address: port === undefined ? "" : `127.0.0.1:${port}`,
+    servingAfterMs,
     logs,
     exited,
     stop: () => {

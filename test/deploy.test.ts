@@ -1,0 +1,203 @@
+// deploy/: the systemd unit, its example environment file, the container recipe and the
+// Kubernetes DaemonSet agree with vfiod's flags and with each other, and the DaemonSet's
+// health probe works against a real vfiod. (.ci/run runs systemd-analyze verify on the unit;
+// no container engine runs here, so the Containerfile is checked as text only.)
+import { spawnSync } from "node:child_process";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import yaml from "js-yaml";
+import { parseConfig, UsageError, type Config } from "../src/config";
+import { INSTALL_PARTS, startVfiod, type VfiodProcess } from "./support/vfiod-process";
+
+const DEPLOY = path.resolve(__dirname, "../deploy");
+const CHECKOUT = path.resolve(__dirname, "..");
+/** Where the unit, the image and the probe expect the built server. */
+const INSTALL_DIR = "/usr/lib/vfiod";
+const read = (file: string) => fs.readFileSync(path.join(DEPLOY, file), "utf8");
+
+/** A unit file's [Service] settings: key -> every value, in order. */
+function unitSettings(text: string): Map<string, string[]> {
+  const settings = new Map<string, string[]>();
+  let section = "";
+  for (const line of text.split("\n")) {
+    if (/^\s*(#|;|$)/.test(line)) continue;
+    const header = /^\[(.+)\]$/.exec(line.trim());
+    if (header !== null) {
+      section = header[1]!;
+      continue;
+    }
+    const at = line.indexOf("=");
+    if (section !== "Service" || at < 0) continue;
+    const key = line.slice(0, at).trim();
+    settings.set(key, [...(settings.get(key) ?? []), line.slice(at + 1).trim()]);
+  }
+  return settings;
+}
+
+const unit = unitSettings(read("vfiod.service"));
+const setting = (key: string) => unit.get(key) ?? [];
+const unitEnv = Object.fromEntries(setting("Environment").map((assignment) => assignment.split(/=(.*)/s).slice(0, 2)));
+
+/** vfiod's usage text, which lists every flag. */
+const USAGE = (() => {
+  try {
+    parseConfig(["--help"], {});
+  } catch (err) {
+    if (err instanceof UsageError) return err.usage;
+  }
+  throw new Error("--help did not give the usage");
+})();
+
+/**
+ * `parseConfig` of VFIOD_* variables alone, as the process would see them; each must name a
+ * flag (vfiod ignores a variable it does not know).
+ */
+function configOf(env: Record<string, string>): Config {
+  for (const name of Object.keys(env)) {
+    expect({ [name]: USAGE.includes(`--${name.replace(/^VFIOD_/, "").toLowerCase().replaceAll("_", "-")} `) }).toEqual({ [name]: true });
+  }
+  return parseConfig([], env);
+}
+
+describe("deploy/vfiod.service", () => {
+  test("runs the built server from the install directory with node", () => {
+    expect(setting("ExecStart")).toEqual([`/usr/bin/node ${INSTALL_DIR}/dist/src/main.js`]);
+    expect(setting("Type")).toEqual(["simple"]);
+  });
+
+  test("its defaults are vfiod flags: the Unix socket alone, inside RuntimeDirectory=; the audit log inside LogsDirectory=", () => {
+    const config = configOf(unitEnv);
+    expect(config.listen).toBeUndefined();
+    expect(config.socket).toBe("/run/vfiod/vfiod.sock");
+    expect(config.socketMode).toBe(0o660);
+    expect(config.socketGroup).toBe("vfiod");
+    expect(path.dirname(config.socket!)).toBe(`/run/${setting("RuntimeDirectory").join(" ")}`);
+    expect(path.dirname(config.auditLog!)).toBe(`/var/log/${setting("LogsDirectory").join(" ")}`);
+    // the group the socket gets is the one the sysusers file creates
+    expect(read("vfiod.sysusers")).toMatch(new RegExp(`^g ${config.socketGroup} -$`, "m"));
+  });
+
+  test("every setting deploy/vfiod.default shows is a vfiod flag with a valid value", () => {
+    const env: Record<string, string> = { ...unitEnv };
+    const shown = [...read("vfiod.default").matchAll(/^#(VFIOD_[A-Z_]+)=(.*)$/gm)];
+    expect(shown.length).toBeGreaterThan(10);
+    for (const [, name, value] of shown) env[name!] = value!; // later ones win, as in the file
+    const config = configOf(env);
+    // the file ends with the remote control plane's TCP listener with mTLS
+    expect(config.listen).toBe("0.0.0.0:50051");
+    expect(config.tlsClientCa).toBeDefined();
+    expect(config.allowClients).toEqual(new Set(["control-plane"]));
+  });
+
+  test("leaves what vfiod needs: /proc of other processes visible, W^X off for V8's JIT, cocoon's run dirs writable", () => {
+    expect(setting("ProtectProc")).toEqual([]);
+    expect(setting("PrivateDevices")).toEqual([]);
+    expect(setting("MemoryDenyWriteExecute")).toEqual([]);
+    expect(setting("ProtectSystem")).toEqual(["strict"]);
+    expect(setting("ReadWritePaths")).toEqual(["-/var/lib/cocoon/run"]);
+  });
+});
+
+describe("deploy/Containerfile", () => {
+  const containerfile = read("Containerfile");
+
+  test("ships the install the read-only test runs, and runs it from the install directory", () => {
+    const copied = [...containerfile.matchAll(/^COPY --from=build \/src\/(\S+) /gm)].map((m) => m[1]);
+    expect(copied.sort()).toEqual([...INSTALL_PARTS, "node_modules"].sort());
+    expect(containerfile).toMatch(new RegExp(`^WORKDIR ${INSTALL_DIR}$`, "m"));
+    expect(containerfile).toMatch(new RegExp(`^ENTRYPOINT \\["node", "${INSTALL_DIR}/dist/src/main.js"\\]$`, "m"));
+  });
+
+  test("builds with npm ci (its prepare script) and keeps only production dependencies", () => {
+    expect(containerfile).toMatch(/^FROM node:20-bookworm AS build$/m);
+    expect(containerfile).toMatch(/npm ci --no-audit --no-fund \\\n && npm prune --omit=dev/);
+  });
+
+  test("its ENV defaults are vfiod flags: the Unix socket alone, the host's sys/ under /host", () => {
+    const env = Object.fromEntries([...containerfile.matchAll(/(VFIOD_[A-Z_]+)=(\S+)/g)].map((m) => [m[1]!, m[2]!]));
+    const config = configOf(env);
+    expect(config.listen).toBeUndefined();
+    expect(config.socket).toBe("/run/vfiod/vfiod.sock");
+    expect(config.sysfsRoot).toBe("/host");
+  });
+});
+
+interface Container {
+  env: { name: string; value: string }[];
+  securityContext: Record<string, unknown> & { capabilities: { drop: string[]; add: string[] } };
+  readinessProbe: { exec: { command: string[] } };
+  livenessProbe: { exec: { command: string[] } };
+  volumeMounts: { name: string; mountPath: string; readOnly?: boolean }[];
+}
+
+describe("deploy/kubernetes/daemonset.yaml", () => {
+  const docs = yaml.loadAll(read("kubernetes/daemonset.yaml")) as { kind: string; metadata: { name: string; namespace?: string }; spec?: any }[];
+  const daemonSet = docs.find((doc) => doc.kind === "DaemonSet")!;
+  const pod = daemonSet.spec.template.spec;
+  const container = pod.containers[0] as Container;
+  const config = configOf(Object.fromEntries(container.env.map((e) => [e.name, e.value])));
+  const mount = (at: string) => container.volumeMounts.find((m) => m.mountPath === at);
+
+  test("a Namespace and a DaemonSet in it", () => {
+    expect(docs.map((doc) => doc.kind)).toEqual(["Namespace", "DaemonSet"]);
+    expect(daemonSet.metadata.namespace).toBe(docs[0]!.metadata.name);
+    expect(daemonSet.metadata.namespace).toBe("vfiod-system");
+  });
+
+  test("hostPID, a read-only root, root with the unit's capabilities and no more", () => {
+    expect(pod.hostPID).toBe(true);
+    expect(container.securityContext.readOnlyRootFilesystem).toBe(true);
+    expect(container.securityContext.privileged).toBe(false);
+    expect(container.securityContext.capabilities.drop).toEqual(["ALL"]);
+    const unitCapabilities = setting("CapabilityBoundingSet").join(" ").split(/\s+/).map((cap) => cap.replace(/^CAP_/, ""));
+    expect([...container.securityContext.capabilities.add].sort()).toEqual(unitCapabilities.sort());
+  });
+
+  test("serves the Unix socket alone, on a host directory; reads the host's sys/ and dev/vfio read-only under --sysfs-root", () => {
+    expect(config.listen).toBeUndefined();
+    expect(mount(path.dirname(config.socket!))).toBeDefined();
+    expect(mount(path.dirname(config.socket!))!.readOnly).toBeUndefined();
+    for (const part of ["sys", "dev/vfio"]) expect(mount(path.join(config.sysfsRoot, part))).toMatchObject({ readOnly: true });
+    expect(mount(config.cocoonRoot)!.readOnly).toBeUndefined(); // cocoon's ops.lock flock
+    expect(mount(path.dirname(config.inventory!))).toBeDefined();
+  });
+
+  describe("the exec health probe", () => {
+    let dir: string;
+    let vfiod: VfiodProcess | undefined;
+    beforeEach(() => {
+      dir = fs.mkdtempSync(path.join(os.tmpdir(), "vfiod-probe-"));
+    });
+    afterEach(async () => {
+      await vfiod?.stop();
+      vfiod = undefined;
+      fs.rmSync(dir, { recursive: true, force: true });
+    });
+
+    /** The probe's command, run here: this checkout for the install, `socket` for vfiod's. */
+    function probe(socket: string) {
+      const command = container.readinessProbe.exec.command.map((arg) =>
+        arg.replaceAll(`${INSTALL_DIR}/`, `${CHECKOUT}/`).replaceAll(config.socket!, socket),
+      );
+      expect(command[0]).toBe("node");
+      return spawnSync(process.execPath, command.slice(1), { encoding: "utf8", timeout: 15_000 });
+    }
+
+    test("liveness and readiness run the same check on the configured socket", () => {
+      expect(container.livenessProbe.exec).toEqual(container.readinessProbe.exec);
+      expect(container.readinessProbe.exec.command.join(" ")).toContain(`unix:${config.socket}`);
+    });
+
+    test("passes on a serving vfiod, fails with the reason where none serves", async () => {
+      const socket = path.join(dir, "vfiod.sock");
+      vfiod = await startVfiod(["--socket", socket, "--cocoon-root", dir]);
+      const passing = probe(socket);
+      expect({ status: passing.status, stderr: passing.stderr }).toEqual({ status: 0, stderr: "" });
+      await vfiod.stop();
+      const failing = probe(socket);
+      expect(failing.status).toBe(1);
+      expect(failing.stderr).toContain("vfiod health: 14 UNAVAILABLE");
+    });
+  });
+});
