@@ -20,13 +20,18 @@ export interface KnownVm {
   readonly unreachable?: string;
 }
 
-/** A change vfiod learnt of: from its own mutation, or by comparing two answers of the VM. */
+/**
+ * A change vfiod learnt of: from its own mutation, or by comparing two answers of
+ * the VM (vfiod.v1.WatchEvent.Kind, without the snapshot's PRESENT and SYNCED).
+ */
 export interface DeviceChange {
-  readonly kind: "attached" | "detached";
+  readonly kind: "attached" | "detach_requested" | "detach_pending" | "detached" | "driver_bound" | "driver_restored";
   readonly vm: VmRecord;
   readonly device: AttachedDevice;
   /** "vfiod": its own Attach or Detach; "observed": found in the VM's answer (someone else, or a pending removal that completed). */
   readonly cause: "vfiod" | "observed";
+  /** Free text for people: which driver, how long the guest took, ... */
+  readonly detail?: string;
 }
 
 export type ChangeListener = (change: DeviceChange) => void;
@@ -101,6 +106,14 @@ export class DeviceView {
   retain(vms: readonly VmRecord[]): void {
     const keep = new Set(vms.map(vmKey));
     for (const [key, known] of this.vms) if (!keep.has(key)) this.set({ ...known, devices: [] }, true);
+  }
+
+  /**
+   * Tells watchers of a change that does not alter what the VM holds: a removal
+   * requested or still pending, a host driver bound or restored.
+   */
+  announce(change: DeviceChange): void {
+    this.emit(change);
   }
 
   /** Calls `listener` for every change from now on; returns the unsubscribe function. */
