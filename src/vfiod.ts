@@ -56,7 +56,8 @@ export interface Vfiod {
 export function assembleVfiod(options: VfiodOptions): Vfiod {
   const { log } = options;
   const hypervisorTimeoutMs = options.hypervisorTimeoutMs ?? DEFAULT_HYPERVISOR_TIMEOUT_MS;
-  const backends = options.backends ?? defaultBackends(hypervisorTimeoutMs);
+  const metrics = options.server?.metrics;
+  const backends = options.backends ?? defaultBackends(hypervisorTimeoutMs, metrics?.observeHypervisorCall);
   const inventory = new Inventory({
     inventoryFile: options.inventoryFile,
     cocoonRoot: options.cocoonRoot,
@@ -99,5 +100,13 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
     sysfsRoot: options.sysfsRoot,
   });
   const server = createVfiodServer(operations, queries, log, options.server);
+  metrics?.readFrom({
+    vmDevices: () => view.all().map((known) => ({ vm: known.vm.id, devices: known.devices.length })),
+    inventorySize: async () => {
+      const records = await inventory.records();
+      return (["inventory", "cocoon"] as const).map((source) => ({ source, vms: records.filter((vm) => vm.source === source).length }));
+    },
+    queues: () => backends.queues(),
+  });
   return { server, operations, view, refresher, inventory, holders };
 }

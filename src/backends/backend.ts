@@ -31,6 +31,9 @@ export interface DeviceLister {
    * @throws HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
    */
   list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]>;
+
+  /** Callers waiting for a hypervisor socket now, beyond those it is serving: [socket, waiting]. */
+  queues(): [string, number][];
 }
 
 /**

@@ -7,13 +7,22 @@ import { Client } from "undici";
 import { abortedError, Code, VfiodError } from "../errors";
 import type { VmRecord } from "../inventory/vm";
 import { isJsonObject } from "../json";
+import { unobserved, type HypervisorCallObserver } from "../hypervisor-calls";
 import { DEFAULT_HYPERVISOR_TIMEOUT_MS, withinBound } from "../request-bound";
 import type { AttachedDevice, DeviceLister } from "./backend";
 
 export class FirecrackerBackend implements DeviceLister {
-  constructor(private readonly requestTimeoutMs = DEFAULT_HYPERVISOR_TIMEOUT_MS) {}
+  constructor(
+    private readonly requestTimeoutMs = DEFAULT_HYPERVISOR_TIMEOUT_MS,
+    private readonly observe: HypervisorCallObserver = unobserved,
+  ) {}
 
   async list(): Promise<AttachedDevice[]> {
+    return [];
+  }
+
+  /** One short request per state read: nothing queues. */
+  queues(): [string, number][] {
     return [];
   }
 
@@ -25,9 +34,12 @@ export class FirecrackerBackend implements DeviceLister {
     const what = `firecracker vm ${vm.name}: describeInstance`;
     return withinBound(signal, this.requestTimeoutMs, what, async (bounded) => {
       const client = new Client("http://localhost", { socketPath: vm.socket });
+      const started = performance.now();
+      let answered = false;
       try {
         const response = await client.request({ path: "/", method: "GET", signal: bounded });
         const text = await response.body.text();
+        answered = true;
         const body: unknown = JSON.parse(text);
         if (response.statusCode !== 200 || !isJsonObject(body) || typeof body.state !== "string") {
           throw new VfiodError("HYPERVISOR_ERROR", `${what}: HTTP ${response.statusCode}: ${text.slice(0, 200)}`, { code: Code.INTERNAL });
@@ -39,6 +51,7 @@ export class FirecrackerBackend implements DeviceLister {
         if (err instanceof SyntaxError) throw new VfiodError("HYPERVISOR_ERROR", `${what}: unparseable reply`, { code: Code.INTERNAL, cause: err });
         throw new VfiodError("HYPERVISOR_UNAVAILABLE", `${what}: api unreachable`, { cause: err });
       } finally {
+        this.observe("firecracker", "describeInstance", (performance.now() - started) / 1000, answered);
         await client.destroy();
       }
     });

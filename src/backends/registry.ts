@@ -17,6 +17,11 @@ export class BackendRegistry {
     return this;
   }
 
+  /** Callers queued per hypervisor socket, across backends: [backend, socket, waiting]. */
+  queues(): [HypervisorKind, string, number][] {
+    return [...this.backends].flatMap(([kind, backend]) => backend.queues().map(([socket, n]): [HypervisorKind, string, number] => [kind, socket, n]));
+  }
+
   /** Registered types, in registration order. */
   kinds(): HypervisorKind[] {
     return [...this.backends.keys()];

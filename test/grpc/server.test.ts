@@ -28,6 +28,7 @@ const faulty: Backend = {
   },
   list: async () => [],
   state: async () => "Running",
+  queues: () => [],
 };
 
 beforeAll(async () => {

@@ -254,6 +254,10 @@ export class CloudHypervisorBackend implements DeviceLister, DeviceAttacher {
     return heldDevice(id, bdf, info);
   }
 
+  queues(): [string, number][] {
+    return this.sockets.queues();
+  }
+
   /** vm.info's state: Created, Running, Paused, Shutdown, BreakPoint (cloud-hypervisor.md §2). */
   async state(vm: VmRecord, signal: AbortSignal): Promise<string> {
     return (await this.client(vm).vmInfo(signal)).state;

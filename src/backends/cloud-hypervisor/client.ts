@@ -13,6 +13,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { Pool, errors } from "undici";
 import { abortedError, Code, VfiodError, type Reason } from "../../errors";
 import { FreshReads } from "../../fresh-reads";
+import { unobserved, type HypervisorCallObserver } from "../../hypervisor-calls";
 import { isJsonObject } from "../../json";
 import { KeyedLocks } from "../../keyed-locks";
 import { withinBound } from "../../request-bound";
@@ -169,8 +170,14 @@ export class CloudHypervisorSockets {
   private readonly sockets = new Map<string, SocketState>();
   private readonly sweeper: NodeJS.Timeout;
 
-  /** @param requestTimeoutMs vfiod's bound on each read, whatever the caller's deadline. */
-  constructor(readonly requestTimeoutMs: number) {
+  /**
+   * @param requestTimeoutMs vfiod's bound on each read, whatever the caller's deadline.
+   * @param observe told of every request once it ends (metrics).
+   */
+  constructor(
+    readonly requestTimeoutMs: number,
+    private readonly observe: HypervisorCallObserver = unobserved,
+  ) {
     this.sweeper = setInterval(() => this.dropIdlePools(), IDLE_POOL_MS).unref();
   }
 
@@ -216,13 +223,18 @@ export class CloudHypervisorSockets {
     return this.slots.run(socketPath, queueSignal, gaveUp, async () => {
       const signal = sentSignal();
       const state = this.pool(socketPath);
+      const started = performance.now();
+      let answered = false;
       try {
         // A string body goes out with Content-Length; CH does not decode chunked bodies.
         const payload = request.body === undefined ? {} : { body: request.body, headers: { "content-type": "application/json" } };
         const response = await state.pool.request({ path: request.path, method: request.method, signal, ...payload });
-        return { status: response.statusCode, body: await response.body.text() };
+        const reply = { status: response.statusCode, body: await response.body.text() };
+        answered = true;
+        return reply;
       } finally {
         state.lastUsed = Date.now();
+        this.observe("cloud-hypervisor", request.path.replace(/^\/api\/v1\//, ""), (performance.now() - started) / 1000, answered);
       }
     });
   }

@@ -10,6 +10,7 @@ import { FreshReads } from "../../fresh-reads";
 import type { VmRecord } from "../../inventory/vm";
 import { KeyedLocks } from "../../keyed-locks";
 import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
+import { unobserved, type HypervisorCallObserver } from "../../hypervisor-calls";
 import { DEFAULT_HYPERVISOR_TIMEOUT_MS, withinBound } from "../../request-bound";
 import type { AttachedDevice, DeviceAttacher, DeviceLister } from "../backend";
 import { RemovalLedger } from "../removal-ledger";
@@ -21,6 +22,8 @@ export interface QemuBackendOptions {
   readonly pollIntervalMs?: number;
   /** vfiod's bound on each QMP command, whatever the caller's deadline (--hypervisor-timeout). */
   readonly requestTimeoutMs?: number;
+  /** Told of every QMP command once it ends (metrics). */
+  readonly observe?: HypervisorCallObserver;
 }
 
 /** A signal that never aborts: shared reads are bounded by vfiod's own limit only. */
@@ -66,6 +69,7 @@ interface PciDeviceInfo {
 export class QemuBackend implements DeviceLister, DeviceAttacher {
   private readonly pollIntervalMs: number;
   private readonly requestTimeoutMs: number;
+  private readonly observe: HypervisorCallObserver;
   /** One QMP session per socket at a time, in arrival order: QEMU serves one client (qemu-qmp.md §1). */
   private readonly sessions = new KeyedLocks();
   private readonly listReads = new FreshReads<AttachedDevice[]>();
@@ -79,6 +83,7 @@ export class QemuBackend implements DeviceLister, DeviceAttacher {
   constructor(options: QemuBackendOptions = {}) {
     this.pollIntervalMs = options.pollIntervalMs ?? 500;
     this.requestTimeoutMs = options.requestTimeoutMs ?? DEFAULT_HYPERVISOR_TIMEOUT_MS;
+    this.observe = options.observe ?? unobserved;
   }
 
   async attach(vm: VmRecord, device: PciAddress, id: string, signal: AbortSignal): Promise<AttachedDevice> {
@@ -220,7 +225,7 @@ export class QemuBackend implements DeviceLister, DeviceAttacher {
         QmpClient.connect(vm.socket, { label, signal: bounded }),
       );
       try {
-        return await op(new Monitor(client, vm.id, signal, this.requestTimeoutMs));
+        return await op(new Monitor(client, vm.id, signal, this.requestTimeoutMs, this.observe));
       } finally {
         client.close();
       }
@@ -242,6 +247,7 @@ class Monitor {
     readonly vmId: string,
     private readonly signal: AbortSignal,
     private readonly requestTimeoutMs: number,
+    private readonly observe: HypervisorCallObserver,
   ) {
     this.label = client.label;
   }
@@ -265,7 +271,7 @@ class Monitor {
   }
 
   async hasPeripheral(id: string, signal: AbortSignal): Promise<boolean> {
-    const props = (await this.client.execute("qom-list", { path: PERIPHERAL }, signal)) as QomProperty[];
+    const props = (await this.execute("qom-list", { path: PERIPHERAL }, signal)) as QomProperty[];
     return props.some((p) => p.name === id);
   }
 
@@ -311,7 +317,7 @@ class Monitor {
     // sysfsdev, not host: host= refuses 5-digit (VMD) domains (§3).
     const args = { driver: "vfio-pci", id, bus: port, sysfsdev: device.path };
     try {
-      await this.client.execute("device_add", args, sentRequestSignal(this.signal, `${this.label}: device_add`));
+      await this.execute("device_add", args, sentRequestSignal(this.signal, `${this.label}: device_add`));
     } catch (err) {
       const meta = { vm: this.vmId, device: device.bdf, id };
       if (err instanceof QmpError) {
@@ -335,7 +341,7 @@ class Monitor {
   /** "gone" when QEMU no longer knows the id (a pending removal finished meanwhile). */
   async deviceDel(id: string): Promise<"requested" | "gone"> {
     try {
-      await this.client.execute("device_del", { id }, sentRequestSignal(this.signal, `${this.label}: device_del`));
+      await this.execute("device_del", { id }, sentRequestSignal(this.signal, `${this.label}: device_del`));
       return "requested";
     } catch (err) {
       if (!(err instanceof QmpError)) throw err;
@@ -375,8 +381,24 @@ class Monitor {
 
   private run(command: string, args?: Record<string, unknown>): Promise<unknown> {
     return withinBound(this.signal, this.requestTimeoutMs, `${this.label}: ${command}`, (bounded) =>
-      this.client.execute(command, args, bounded),
+      this.execute(command, args, bounded),
     );
+  }
+
+  /** One command, timed for the metrics; an error reply counts as answered. */
+  private async execute(command: string, args: Record<string, unknown> | undefined, signal: AbortSignal): Promise<unknown> {
+    const started = performance.now();
+    let answered = false;
+    try {
+      const value = await this.client.execute(command, args, signal);
+      answered = true;
+      return value;
+    } catch (err) {
+      answered = err instanceof QmpError;
+      throw err;
+    } finally {
+      this.observe("qemu", command, (performance.now() - started) / 1000, answered);
+    }
   }
 }
 
