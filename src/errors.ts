@@ -51,7 +51,9 @@ export type Reason =
   | "DEVICE_NOT_ALLOWED"
   | "CLIENT_NOT_ALLOWED"
   | "VM_BUSY"
-  | "HYPERVISOR_ERROR";
+  | "HYPERVISOR_ERROR"
+  | "WATCHER_BEHIND"
+  | "SHUTTING_DOWN";
 
 /** The code a reason gets unless the thrower says otherwise (HYPERVISOR_* have two). */
 const DEFAULT_CODE: Record<Reason, Code> = {
@@ -75,6 +77,8 @@ const DEFAULT_CODE: Record<Reason, Code> = {
   CLIENT_NOT_ALLOWED: Code.PERMISSION_DENIED,
   VM_BUSY: Code.ABORTED,
   HYPERVISOR_ERROR: Code.FAILED_PRECONDITION,
+  WATCHER_BEHIND: Code.RESOURCE_EXHAUSTED,
+  SHUTTING_DOWN: Code.UNAVAILABLE,
 };
 
 export interface VfiodErrorOptions {

@@ -68,6 +68,8 @@ async function serve(config: Config, log: Logger): Promise<void> {
     log.info({ signal }, "draining: no new calls, finishing in-flight ones");
     vfiod.refresher.stop();
     vfiod.server.markNotServing();
+    // Watches never finish on their own: end them, so draining waits only for calls that do.
+    vfiod.watch.closeAll();
     const force = setTimeout(() => {
       log.warn({ afterMs: DRAIN_TIMEOUT_MS }, "drain timed out; cancelling remaining calls");
       server.forceShutdown();

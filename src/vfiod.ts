@@ -12,6 +12,7 @@ import type { Logger } from "./log";
 import { DEFAULT_HYPERVISOR_TIMEOUT_MS } from "./request-bound";
 import { createVfiodServer, type VfiodServer, type VfiodServerOptions } from "./grpc/server";
 import { DeviceOperations } from "./service/device-operations";
+import { DeviceWatch } from "./service/device-watch";
 import { HeldElsewhere } from "./service/held-elsewhere";
 import { InventoryQueries } from "./service/inventory-queries";
 import { DeviceView } from "./view/device-view";
@@ -49,6 +50,7 @@ export interface Vfiod {
   readonly operations: DeviceOperations;
   readonly view: DeviceView;
   readonly refresher: Refresher;
+  readonly watch: DeviceWatch;
   readonly inventory: Inventory;
   readonly holders: VfioHolders;
 }
@@ -99,7 +101,8 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
     allowList: options.allowList,
     sysfsRoot: options.sysfsRoot,
   });
-  const server = createVfiodServer(operations, queries, log, options.server);
+  const watch = new DeviceWatch({ inventory, backends, view });
+  const server = createVfiodServer(operations, watch, queries, log, options.server);
   metrics?.readFrom({
     vmDevices: () => view.all().map((known) => ({ vm: known.vm.id, devices: known.devices.length })),
     inventorySize: async () => {
@@ -108,5 +111,5 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
     },
     queues: () => backends.queues(),
   });
-  return { server, operations, view, refresher, inventory, holders };
+  return { server, operations, view, refresher, watch, inventory, holders };
 }

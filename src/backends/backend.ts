@@ -61,11 +61,18 @@ export interface DeviceAttacher {
    * Removes device `id` and waits, at most `waitMs` and within the signal, for
    * the guest to release it. A removal vfiod requested earlier is never asked
    * for again, only awaited; once it has completed, Detach of its id answers OK.
+   * `requested` is told once the removal stands requested, before the wait.
    * @returns the device that was removed (its bdf "" when the hypervisor no longer says).
    * @throws DEVICE_NOT_ATTACHED, DETACH_PENDING (meta names the device), VM_NOT_RUNNING,
    *   VM_PAUSED, HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
    */
-  detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<AttachedDevice>;
+  detach(
+    vm: VmRecord,
+    id: string,
+    waitMs: number,
+    signal: AbortSignal,
+    requested?: (device: AttachedDevice) => void,
+  ): Promise<AttachedDevice>;
 }
 
 /** A backend lists; one that can hot-plug VFIO also attaches (Firecracker cannot). */

@@ -1,7 +1,8 @@
 // Maps protoc-gen-es service descriptors onto @grpc/grpc-js, in both directions:
-// a server-side service definition plus typed handlers, and a typed client.
-// protoc-gen-es v2 emits descriptors, not grpc-js stubs; this is the one place
-// that bridges them (walks DescService.methods, keys by /package.Service/Method).
+// a server-side service definition plus typed handlers, and a typed client, for
+// unary and server-streaming methods. protoc-gen-es v2 emits descriptors, not
+// grpc-js stubs; this is the one place that bridges them (walks
+// DescService.methods, keys by /package.Service/Method).
 import * as grpc from "@grpc/grpc-js";
 import { setMaxListeners } from "node:events";
 import {
@@ -20,11 +21,17 @@ type Methods<S extends DescService> = S["method"];
 type InputOf<M> = M extends { input: infer I extends DescMessage } ? I : never;
 type OutputOf<M> = M extends { output: infer O extends DescMessage } ? O : never;
 
+/** The parts of a grpc-js server call, unary or streaming, a handler may use. */
+export type ServerCall = Pick<
+  grpc.ServerUnaryCall<Message, Message>,
+  "metadata" | "getPeer" | "getAuthContext" | "sendMetadata" | "getDeadline"
+>;
+
 /** What a handler gets besides the request. */
 export interface CallContext {
   /** Aborts when the caller's deadline passes (reason: TimeoutError) or the caller cancels. */
   readonly signal: AbortSignal;
-  readonly call: grpc.ServerUnaryCall<Message, Message>;
+  readonly call: ServerCall;
   /** Sent with the call's status, whether it succeeds or fails. */
   readonly trailers: grpc.Metadata;
   /** The caller's deadline (ms since epoch), when it gave one. */
@@ -36,15 +43,35 @@ export type UnaryHandler<M> = (
   context: CallContext,
 ) => Promise<MessageInitShape<OutputOf<M>>>;
 
-export type ServiceHandlers<S extends DescService> = { [K in keyof Methods<S>]: UnaryHandler<Methods<S>[K]> };
+/** Where a server-streaming handler sends its messages. */
+export interface StreamSink<M> {
+  /** Queues a message; false once grpc-js's buffer is full (wait for `drained()` before more). */
+  write(message: MessageInitShape<OutputOf<M>>): boolean;
+  /** Resolves when the buffer has room again, or the call ends. */
+  drained(): Promise<void>;
+}
+
+/** Sends messages until it resolves (then the call ends OK) or rejects (the call ends with that status). */
+export type ServerStreamHandler<M> = (
+  request: MessageShape<InputOf<M>>,
+  context: CallContext,
+  sink: StreamSink<M>,
+) => Promise<void>;
+
+export type ServiceHandlers<S extends DescService> = {
+  [K in keyof Methods<S>]: Methods<S>[K] extends { methodKind: "server_streaming" }
+    ? ServerStreamHandler<Methods<S>[K]>
+    : UnaryHandler<Methods<S>[K]>;
+};
 
 /** Turns whatever a handler threw into the status the caller gets. */
 export type ErrorToStatus = (err: unknown) => Partial<grpc.StatusObject>;
 
-function unaryMethods(service: DescService): DescMethod[] {
+/** The methods this adapter serves: unary and server-streaming. */
+function supportedMethods(service: DescService): DescMethod[] {
   for (const method of service.methods) {
-    if (method.methodKind !== "unary") {
-      throw new Error(`${service.typeName}.${method.name}: only unary methods are supported, not ${method.methodKind}`);
+    if (method.methodKind !== "unary" && method.methodKind !== "server_streaming") {
+      throw new Error(`${service.typeName}.${method.name}: only unary and server-streaming methods are supported, not ${method.methodKind}`);
     }
   }
   return service.methods;
@@ -66,14 +93,14 @@ function deserializer(desc: DescMessage) {
   return (bytes: Buffer): Message => fromBinary(desc, bytes);
 }
 
-/** The grpc-js definition of a protoc-gen-es service (unary methods only). */
+/** The grpc-js definition of a protoc-gen-es service (unary and server-streaming methods). */
 export function serviceDefinition(service: DescService): grpc.ServiceDefinition {
   const definition: Record<string, grpc.MethodDefinition<Message, Message>> = {};
-  for (const method of unaryMethods(service)) {
+  for (const method of supportedMethods(service)) {
     definition[method.name] = {
       path: methodPath(method),
       requestStream: false,
-      responseStream: false,
+      responseStream: method.methodKind === "server_streaming",
       requestSerialize: serializer(method.input),
       requestDeserialize: deserializer(method.input),
       responseSerialize: serializer(method.output),
@@ -93,14 +120,14 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
 const DEADLINE_SKEW_MS = 100;
 
 /** The caller's deadline in ms since epoch, or undefined when it set none. */
-function deadlineOf(call: grpc.ServerUnaryCall<Message, Message>): number | undefined {
+function deadlineOf(call: ServerCall): number | undefined {
   const deadline = call.getDeadline();
   const at = deadline instanceof Date ? deadline.getTime() : deadline;
   return Number.isFinite(at) ? at : undefined;
 }
 
 /** An AbortSignal that follows the call's deadline (reason TimeoutError) and its cancellation (AbortError). */
-export function callSignal(call: grpc.ServerUnaryCall<Message, Message>): AbortSignal {
+export function callSignal(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerWritableStream<Message, Message>): AbortSignal {
   const at = deadlineOf(call) ?? Infinity;
   const cancelled = new AbortController();
   call.once("cancelled", () => {
@@ -131,24 +158,62 @@ export function serviceImplementation<S extends DescService>(
   toStatus: ErrorToStatus,
 ): grpc.UntypedServiceImplementation {
   const implementation: grpc.UntypedServiceImplementation = {};
-  for (const method of unaryMethods(service)) {
-    const handler = (handlers as Record<string, UnaryHandler<DescMethod>>)[method.localName];
+  for (const method of supportedMethods(service)) {
+    const handler = (handlers as Record<string, unknown>)[method.localName];
     if (handler === undefined) throw new Error(`${service.typeName}.${method.name} has no handler`);
-    const unary: grpc.handleUnaryCall<Message, Message> = (call, callback) => {
-      const trailers = new grpc.Metadata();
-      handler(call.request as never, { signal: callSignal(call), call, trailers, deadline: deadlineOf(call) }).then(
-        (response) => callback(null, create(method.output, response as never), trailers),
-        (err: unknown) => {
-          const status = toStatus(err);
-          const metadata = status.metadata ?? new grpc.Metadata();
-          metadata.merge(trailers);
-          callback({ ...status, metadata } as grpc.ServerErrorResponse);
-        },
-      );
-    };
-    implementation[method.name] = unary;
+    implementation[method.name] =
+      method.methodKind === "server_streaming"
+        ? serverStream(method, handler as ServerStreamHandler<DescMethod>, toStatus)
+        : unary(method, handler as UnaryHandler<DescMethod>, toStatus);
   }
   return implementation;
+}
+
+/** The status of a failed call, carrying `trailers` too. */
+function failedStatus(err: unknown, trailers: grpc.Metadata, toStatus: ErrorToStatus): grpc.ServerErrorResponse {
+  const status = toStatus(err);
+  const metadata = status.metadata ?? new grpc.Metadata();
+  metadata.merge(trailers);
+  return { ...status, metadata } as grpc.ServerErrorResponse;
+}
+
+function unary(method: DescMethod, handler: UnaryHandler<DescMethod>, toStatus: ErrorToStatus): grpc.handleUnaryCall<Message, Message> {
+  return (call, callback) => {
+    const trailers = new grpc.Metadata();
+    handler(call.request as never, { signal: callSignal(call), call, trailers, deadline: deadlineOf(call) }).then(
+      (response) => callback(null, create(method.output, response as never), trailers),
+      (err: unknown) => callback(failedStatus(err, trailers, toStatus)),
+    );
+  };
+}
+
+function serverStream(
+  method: DescMethod,
+  handler: ServerStreamHandler<DescMethod>,
+  toStatus: ErrorToStatus,
+): grpc.handleServerStreamingCall<Message, Message> {
+  return (call) => {
+    const trailers = new grpc.Metadata();
+    const signal = callSignal(call);
+    const sink: StreamSink<DescMethod> = {
+      write: (message) => call.write(create(method.output, message as never)),
+      drained: () =>
+        new Promise<void>((resolve) => {
+          if (!call.writableNeedDrain || signal.aborted) return resolve();
+          const done = () => {
+            call.off("drain", done);
+            signal.removeEventListener("abort", done);
+            resolve();
+          };
+          call.once("drain", done);
+          signal.addEventListener("abort", done, { once: true });
+        }),
+    };
+    handler(call.request as never, { signal, call, trailers, deadline: deadlineOf(call) }, sink).then(
+      () => call.end(trailers),
+      (err: unknown) => call.emit("error", failedStatus(err, trailers, toStatus)),
+    );
+  };
 }
 
 export interface CallOptions {
@@ -158,17 +223,25 @@ export interface CallOptions {
 }
 
 export type ServiceClient<S extends DescService> = {
-  [K in keyof Methods<S>]: (
-    request: MessageInitShape<InputOf<Methods<S>[K]>>,
-    options?: CallOptions,
-  ) => Promise<MessageShape<OutputOf<Methods<S>[K]>>>;
+  [K in keyof Methods<S>]: Methods<S>[K] extends { methodKind: "server_streaming" }
+    ? (
+        request: MessageInitShape<InputOf<Methods<S>[K]>>,
+        options?: CallOptions,
+      ) => grpc.ClientReadableStream<MessageShape<OutputOf<Methods<S>[K]>>>
+    : (
+        request: MessageInitShape<InputOf<Methods<S>[K]>>,
+        options?: CallOptions,
+      ) => Promise<MessageShape<OutputOf<Methods<S>[K]>>>;
 } & {
   /** The underlying grpc-js client (for waitForReady, channel state). */
   readonly grpc: grpc.Client;
   close(): void;
 };
 
-/** A typed promise client for a protoc-gen-es service over grpc-js. */
+/**
+ * A typed client for a protoc-gen-es service over grpc-js: a promise per unary
+ * method, a readable stream of messages per server-streaming one.
+ */
 export function createClient<S extends DescService>(
   service: S,
   target: string,
@@ -177,21 +250,32 @@ export function createClient<S extends DescService>(
 ): ServiceClient<S> {
   const client = new grpc.Client(target, credentials, channelOptions);
   const methods: Record<string, unknown> = {};
-  for (const method of unaryMethods(service)) {
-    methods[method.localName] = (request: MessageInitShape<DescMessage>, options: CallOptions = {}) =>
-      new Promise<Message>((resolve, reject) => {
-        const callOptions: grpc.CallOptions = {};
-        if (options.timeoutMs !== undefined) callOptions.deadline = Date.now() + options.timeoutMs;
-        client.makeUnaryRequest(
-          methodPath(method),
-          serializer(method.input),
-          deserializer(method.output),
-          create(method.input, request),
-          options.metadata ?? new grpc.Metadata(),
-          callOptions,
-          (err, response) => (err || response === undefined ? reject(err) : resolve(response)),
-        );
-      });
+  const callOptionsOf = (options: CallOptions): grpc.CallOptions =>
+    options.timeoutMs === undefined ? {} : { deadline: Date.now() + options.timeoutMs };
+  for (const method of supportedMethods(service)) {
+    methods[method.localName] =
+      method.methodKind === "server_streaming"
+        ? (request: MessageInitShape<DescMessage>, options: CallOptions = {}) =>
+            client.makeServerStreamRequest(
+              methodPath(method),
+              serializer(method.input),
+              deserializer(method.output),
+              create(method.input, request),
+              options.metadata ?? new grpc.Metadata(),
+              callOptionsOf(options),
+            )
+        : (request: MessageInitShape<DescMessage>, options: CallOptions = {}) =>
+            new Promise<Message>((resolve, reject) => {
+              client.makeUnaryRequest(
+                methodPath(method),
+                serializer(method.input),
+                deserializer(method.output),
+                create(method.input, request),
+                options.metadata ?? new grpc.Metadata(),
+                callOptionsOf(options),
+                (err, response) => (err || response === undefined ? reject(err) : resolve(response)),
+              );
+            });
   }
   return Object.assign(methods, { grpc: client, close: () => client.close() }) as ServiceClient<S>;
 }

@@ -3,12 +3,18 @@
 import * as grpc from "@grpc/grpc-js";
 import { ReflectionService } from "@grpc/reflection";
 import { toBinary, type DescFile, type MessageInitShape } from "@bufbuild/protobuf";
-import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
+import { FileDescriptorProtoSchema, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { HealthImplementation } from "grpc-health-check";
 import { file_google_rpc_error_details } from "../../gen/google/rpc/error_details_pb";
 import { file_google_rpc_status } from "../../gen/google/rpc/status_pb";
 import { file_grpc_health_v1_health } from "../../gen/grpc/health/v1/health_pb";
-import { DeviceService, file_vfiod_v1_device, type DeviceSchema } from "../../gen/vfiod/v1/device_pb";
+import {
+  DeviceService,
+  file_vfiod_v1_device,
+  WatchEvent_Kind,
+  type DeviceSchema,
+  type WatchEventSchema,
+} from "../../gen/vfiod/v1/device_pb";
 import { file_vfiod_v1_inventory, InventoryService } from "../../gen/vfiod/v1/inventory_pb";
 import { randomUUID } from "node:crypto";
 import type { AuditEntry, AuditLog } from "../audit";
@@ -18,8 +24,9 @@ import type { Logger } from "../log";
 import type { Metrics } from "../metrics";
 import { waitSignalFor, type Call } from "../service/call";
 import type { DeviceOperations } from "../service/device-operations";
+import type { DeviceWatch, WatchedEvent, WatchKind } from "../service/device-watch";
 import type { InventoryQueries } from "../service/inventory-queries";
-import { serviceDefinition, serviceImplementation, type CallContext } from "./adapter";
+import { serviceDefinition, serviceImplementation, type CallContext, type StreamSink } from "./adapter";
 import { authorize, callerOf } from "./caller";
 import { toGrpcStatus } from "./status";
 
@@ -28,6 +35,27 @@ export const INVENTORY_SERVICE_NAME = InventoryService.typeName;
 
 function toProtoDevice(device: AttachedDevice): MessageInitShape<typeof DeviceSchema> {
   return { id: device.id, bdf: device.bdf, path: device.path, guestBdf: device.guestBdf };
+}
+
+const WATCH_KINDS: Record<WatchKind, WatchEvent_Kind> = {
+  present: WatchEvent_Kind.PRESENT,
+  synced: WatchEvent_Kind.SYNCED,
+  attached: WatchEvent_Kind.ATTACHED,
+  detach_requested: WatchEvent_Kind.DETACH_REQUESTED,
+  detach_pending: WatchEvent_Kind.DETACH_PENDING,
+  detached: WatchEvent_Kind.DETACHED,
+  driver_bound: WatchEvent_Kind.DRIVER_BOUND,
+  driver_restored: WatchEvent_Kind.DRIVER_RESTORED,
+};
+
+function toProtoEvent(event: WatchedEvent): MessageInitShape<typeof WatchEventSchema> {
+  return {
+    kind: WATCH_KINDS[event.kind],
+    vm: event.vm,
+    device: event.device === undefined ? undefined : toProtoDevice(event.device),
+    time: timestampFromDate(event.time),
+    detail: event.detail,
+  };
 }
 
 /** Every file a reflection client may ask for, imports included (grpc-node #3034 leaves them out). */
@@ -88,7 +116,7 @@ function requestIdOf(metadata: grpc.Metadata): string {
   return typeof given === "string" && REQUEST_ID.test(given) ? given : randomUUID();
 }
 
-type Method = "Attach" | "Detach" | "List" | "ListVms" | "ListHostDevices";
+type Method = "Attach" | "Detach" | "List" | "Watch" | "ListVms" | "ListHostDevices";
 const MUTATIONS: ReadonlySet<Method> = new Set(["Attach", "Detach"]);
 
 /**
@@ -98,8 +126,11 @@ const MUTATIONS: ReadonlySet<Method> = new Set(["Attach", "Detach"]);
  * metrics, and for a mutation its audit line.
  */
 function callRunner(log: Logger, options: VfiodServerOptions) {
-  return <Req extends object, Res>(method: Method, handler: (request: Req, call: Call) => Promise<Res>) =>
-    async (request: Req, context: CallContext): Promise<Res> => {
+  return <Req extends object, Res, Extra extends unknown[]>(
+      method: Method,
+      handler: (request: Req, call: Call, ...extra: Extra) => Promise<Res>,
+    ) =>
+    async (request: Req, context: CallContext, ...extra: Extra): Promise<Res> => {
       // The VM reference as typed, for calls about one VM.
       const vmRef = "vm" in request && typeof request.vm === "string" ? request.vm : undefined;
       const started = Date.now();
@@ -120,7 +151,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
       let failure: unknown;
       try {
         authorize(caller, options.allowedClients);
-        return await handler(request, call);
+        return await handler(request, call, ...extra);
       } catch (err) {
         failure = err;
         outcome = err instanceof VfiodError ? err.reason : "INTERNAL";
@@ -169,6 +200,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
 
 export function createVfiodServer(
   operations: DeviceOperations,
+  watch: DeviceWatch,
   queries: InventoryQueries,
   log: Logger,
   options: VfiodServerOptions = {},
@@ -189,6 +221,12 @@ export function createVfiodServer(
           return {};
         }),
         list: run("List", async (request, call) => ({ devices: (await operations.list(request, call)).map(toProtoDevice) })),
+        watch: run("Watch", (request, call, sink: StreamSink<typeof DeviceService.method.watch>) =>
+          watch.watch(request, call, {
+            write: (event) => sink.write(toProtoEvent(event)),
+            drained: () => sink.drained(),
+          }),
+        ),
       },
       toGrpcStatus,
     ),

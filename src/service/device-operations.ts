@@ -162,16 +162,34 @@ export class DeviceOperations {
         if (request.wholeGroup === true) {
           const devices = await this.deps.backends.lister(vm.hypervisor).list(vm, call.signal);
           for (const companion of devices.filter((d) => d.id === companionId(id, d.bdf))) {
-            this.deps.view.detached(vm, await attacher.detach(vm, companion.id, this.deps.detachTimeoutMs, call.signal));
+            await this.detachOne(vm, attacher, companion.id, call);
           }
         }
-        const removed = await attacher.detach(vm, id, this.deps.detachTimeoutMs, call.signal);
+        const removed = await this.detachOne(vm, attacher, id, call);
         if (removed.bdf !== "") call.facts.device = removed.bdf;
-        this.deps.view.detached(vm, removed);
         return removed;
       });
     } catch (err) {
       if (err instanceof VfiodError && err.meta.device !== undefined) call.facts.device = err.meta.device;
+      throw err;
+    }
+  }
+
+  /** One removal, told to watchers as it goes: requested, then released or still pending. */
+  private async detachOne(vm: VmRecord, attacher: DeviceAttacher, id: string, call: Call): Promise<AttachedDevice> {
+    const { view } = this.deps;
+    let requested: AttachedDevice | undefined;
+    try {
+      const removed = await attacher.detach(vm, id, this.deps.detachTimeoutMs, call.signal, (device) => {
+        requested = device;
+        view.announce({ kind: "detach_requested", vm, device, cause: "vfiod" });
+      });
+      view.detached(vm, removed);
+      return removed;
+    } catch (err) {
+      if (requested !== undefined && err instanceof VfiodError && err.reason === "DETACH_PENDING") {
+        view.announce({ kind: "detach_pending", vm, device: requested, cause: "vfiod", detail: err.message });
+      }
       throw err;
     }
   }

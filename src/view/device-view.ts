@@ -67,20 +67,27 @@ export class DeviceView {
     this.set({ vm, devices: known?.devices ?? [], knownAt: known?.knownAt ?? 0, unreachable: why });
   }
 
-  /** vfiod attached `device` to `vm`. */
+  /**
+   * vfiod attached `device` to `vm`. Told to watchers unless an answer of the VM
+   * (a background read racing the attach) already showed it.
+   */
   attached(vm: VmRecord, device: AttachedDevice): void {
     const known = this.vms.get(vmKey(vm));
     const others = (known?.devices ?? []).filter((d) => d.id !== device.id);
+    const seen = known?.devices.some((d) => sameDevice(d, device)) === true;
     this.set({ vm, devices: [...others, device], knownAt: Date.now() });
-    this.emit({ kind: "attached", vm, device, cause: "vfiod" });
+    if (!seen) this.emit({ kind: "attached", vm, device, cause: "vfiod" });
   }
 
-  /** The guest released device `id` of `vm` after vfiod's Detach. */
+  /**
+   * The guest released `device` after vfiod's Detach. Told to watchers unless an
+   * answer of the VM (a background read racing the detach) already showed it gone.
+   */
   detached(vm: VmRecord, device: AttachedDevice): void {
     const known = this.vms.get(vmKey(vm));
     const held = known?.devices.find((d) => d.id === device.id);
     this.set({ vm, devices: (known?.devices ?? []).filter((d) => d.id !== device.id), knownAt: Date.now() });
-    this.emit({ kind: "detached", vm, device: held ?? device, cause: "vfiod" });
+    if (held !== undefined) this.emit({ kind: "detached", vm, device: held, cause: "vfiod" });
   }
 
   /** The VMs (other than `except`) that vfiod knows to hold host device `bdf`. */

@@ -74,6 +74,8 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
       vfiod.refresher.stop();
       client.close();
       inventory.close();
+      // Open streams (a Watch a failed test did not cancel) would hold a graceful shutdown forever.
+      vfiod.watch.closeAll();
       await new Promise<void>((resolve) => server.tryShutdown(() => resolve()));
     },
   };

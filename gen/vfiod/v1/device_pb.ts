@@ -6,15 +6,17 @@
 // and removes them again. Attach is runtime-only: vfiod stores no device state,
 // and the hypervisor is the source of truth for what is attached.
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file vfiod/v1/device.proto.
  */
 export const file_vfiod_v1_device: GenFile = /*@__PURE__*/
-  fileDesc("ChV2ZmlvZC92MS9kZXZpY2UucHJvdG8SCHZmaW9kLnYxIkkKDUF0dGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCwoDcGNpGAIgASgJEgoKAmlkGAMgASgJEhMKC3dob2xlX2dyb3VwGAQgASgIIlgKDkF0dGFjaFJlc3BvbnNlEiAKBmRldmljZRgBIAEoCzIQLnZmaW9kLnYxLkRldmljZRIkCgpjb21wYW5pb25zGAIgAygLMhAudmZpb2QudjEuRGV2aWNlIjwKDURldGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCgoCaWQYAiABKAkSEwoLd2hvbGVfZ3JvdXAYAyABKAgiEAoORGV0YWNoUmVzcG9uc2UiGQoLTGlzdFJlcXVlc3QSCgoCdm0YASABKAkiMQoMTGlzdFJlc3BvbnNlEiEKB2RldmljZXMYASADKAsyEC52ZmlvZC52MS5EZXZpY2UiQgoGRGV2aWNlEgoKAmlkGAEgASgJEgsKA2JkZhgCIAEoCRIMCgRwYXRoGAMgASgJEhEKCWd1ZXN0X2JkZhgEIAEoCTLAAQoNRGV2aWNlU2VydmljZRI7CgZBdHRhY2gSFy52ZmlvZC52MS5BdHRhY2hSZXF1ZXN0GhgudmZpb2QudjEuQXR0YWNoUmVzcG9uc2USOwoGRGV0YWNoEhcudmZpb2QudjEuRGV0YWNoUmVxdWVzdBoYLnZmaW9kLnYxLkRldGFjaFJlc3BvbnNlEjUKBExpc3QSFS52ZmlvZC52MS5MaXN0UmVxdWVzdBoWLnZmaW9kLnYxLkxpc3RSZXNwb25zZWIGcHJvdG8z");
+  fileDesc("ChV2ZmlvZC92MS9kZXZpY2UucHJvdG8SCHZmaW9kLnYxIkkKDUF0dGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCwoDcGNpGAIgASgJEgoKAmlkGAMgASgJEhMKC3dob2xlX2dyb3VwGAQgASgIIlgKDkF0dGFjaFJlc3BvbnNlEiAKBmRldmljZRgBIAEoCzIQLnZmaW9kLnYxLkRldmljZRIkCgpjb21wYW5pb25zGAIgAygLMhAudmZpb2QudjEuRGV2aWNlIjwKDURldGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCgoCaWQYAiABKAkSEwoLd2hvbGVfZ3JvdXAYAyABKAgiEAoORGV0YWNoUmVzcG9uc2UiGQoLTGlzdFJlcXVlc3QSCgoCdm0YASABKAkiMQoMTGlzdFJlc3BvbnNlEiEKB2RldmljZXMYASADKAsyEC52ZmlvZC52MS5EZXZpY2UiQgoGRGV2aWNlEgoKAmlkGAEgASgJEgsKA2JkZhgCIAEoCRIMCgRwYXRoGAMgASgJEhEKCWd1ZXN0X2JkZhgEIAEoCSIaCgxXYXRjaFJlcXVlc3QSCgoCdm0YASABKAki6gIKCldhdGNoRXZlbnQSJwoEa2luZBgBIAEoDjIZLnZmaW9kLnYxLldhdGNoRXZlbnQuS2luZBIKCgJ2bRgCIAEoCRIgCgZkZXZpY2UYAyABKAsyEC52ZmlvZC52MS5EZXZpY2USKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZGV0YWlsGAUgASgJIsoBCgRLaW5kEhQKEEtJTkRfVU5TUEVDSUZJRUQQABIQCgxLSU5EX1BSRVNFTlQQARIPCgtLSU5EX1NZTkNFRBACEhEKDUtJTkRfQVRUQUNIRUQQAxIZChVLSU5EX0RFVEFDSF9SRVFVRVNURUQQBBIXChNLSU5EX0RFVEFDSF9QRU5ESU5HEAUSEQoNS0lORF9ERVRBQ0hFRBAGEhUKEUtJTkRfRFJJVkVSX0JPVU5EEAcSGAoUS0lORF9EUklWRVJfUkVTVE9SRUQQCDL5AQoNRGV2aWNlU2VydmljZRI7CgZBdHRhY2gSFy52ZmlvZC52MS5BdHRhY2hSZXF1ZXN0GhgudmZpb2QudjEuQXR0YWNoUmVzcG9uc2USOwoGRGV0YWNoEhcudmZpb2QudjEuRGV0YWNoUmVxdWVzdBoYLnZmaW9kLnYxLkRldGFjaFJlc3BvbnNlEjUKBExpc3QSFS52ZmlvZC52MS5MaXN0UmVxdWVzdBoWLnZmaW9kLnYxLkxpc3RSZXNwb25zZRI3CgVXYXRjaBIWLnZmaW9kLnYxLldhdGNoUmVxdWVzdBoULnZmaW9kLnYxLldhdGNoRXZlbnQwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
 
 /**
  * AttachRequest names a VM and a host PCI device.
@@ -228,6 +230,152 @@ export const DeviceSchema: GenMessage<Device> = /*@__PURE__*/
   messageDesc(file_vfiod_v1_device, 6);
 
 /**
+ * WatchRequest names the VM to watch.
+ *
+ * @generated from message vfiod.v1.WatchRequest
+ */
+export type WatchRequest = Message<"vfiod.v1.WatchRequest"> & {
+  /**
+   * VM reference (as for List); empty watches every VM vfiod can see.
+   *
+   * @generated from field: string vm = 1;
+   */
+  vm: string;
+};
+
+/**
+ * Describes the message vfiod.v1.WatchRequest.
+ * Use `create(WatchRequestSchema)` to create a new message.
+ */
+export const WatchRequestSchema: GenMessage<WatchRequest> = /*@__PURE__*/
+  messageDesc(file_vfiod_v1_device, 7);
+
+/**
+ * WatchEvent is one thing that happened to a device of a VM.
+ *
+ * @generated from message vfiod.v1.WatchEvent
+ */
+export type WatchEvent = Message<"vfiod.v1.WatchEvent"> & {
+  /**
+   * What happened.
+   *
+   * @generated from field: vfiod.v1.WatchEvent.Kind kind = 1;
+   */
+  kind: WatchEvent_Kind;
+
+  /**
+   * Id of the VM it happened to ("" for SYNCED).
+   *
+   * @generated from field: string vm = 2;
+   */
+  vm: string;
+
+  /**
+   * The device, as vfiod knows it.
+   *
+   * @generated from field: vfiod.v1.Device device = 3;
+   */
+  device?: Device | undefined;
+
+  /**
+   * When vfiod learnt of it.
+   *
+   * @generated from field: google.protobuf.Timestamp time = 4;
+   */
+  time?: Timestamp | undefined;
+
+  /**
+   * For people: who caused it, how a snapshot entry was read, which driver.
+   *
+   * @generated from field: string detail = 5;
+   */
+  detail: string;
+};
+
+/**
+ * Describes the message vfiod.v1.WatchEvent.
+ * Use `create(WatchEventSchema)` to create a new message.
+ */
+export const WatchEventSchema: GenMessage<WatchEvent> = /*@__PURE__*/
+  messageDesc(file_vfiod_v1_device, 8);
+
+/**
+ * What happened.
+ *
+ * @generated from enum vfiod.v1.WatchEvent.Kind
+ */
+export enum WatchEvent_Kind {
+  /**
+   * Never sent.
+   *
+   * @generated from enum value: KIND_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * First, one per device already attached (the snapshot).
+   *
+   * @generated from enum value: KIND_PRESENT = 1;
+   */
+  PRESENT = 1,
+
+  /**
+   * The snapshot is complete; changes follow.
+   *
+   * @generated from enum value: KIND_SYNCED = 2;
+   */
+  SYNCED = 2,
+
+  /**
+   * The device was attached (by vfiod, or found attached by someone else).
+   *
+   * @generated from enum value: KIND_ATTACHED = 3;
+   */
+  ATTACHED = 3,
+
+  /**
+   * vfiod asked the hypervisor to remove the device.
+   *
+   * @generated from enum value: KIND_DETACH_REQUESTED = 4;
+   */
+  DETACH_REQUESTED = 4,
+
+  /**
+   * The detach wait ran out; the removal stays requested.
+   *
+   * @generated from enum value: KIND_DETACH_PENDING = 5;
+   */
+  DETACH_PENDING = 5,
+
+  /**
+   * The hypervisor has released the device.
+   *
+   * @generated from enum value: KIND_DETACHED = 6;
+   */
+  DETACHED = 6,
+
+  /**
+   * Managed binding: the device moved from its host driver to vfio-pci.
+   *
+   * @generated from enum value: KIND_DRIVER_BOUND = 7;
+   */
+  DRIVER_BOUND = 7,
+
+  /**
+   * Managed binding: the device is back on the driver it had.
+   *
+   * @generated from enum value: KIND_DRIVER_RESTORED = 8;
+   */
+  DRIVER_RESTORED = 8,
+}
+
+/**
+ * Describes the enum vfiod.v1.WatchEvent.Kind.
+ */
+export const WatchEvent_KindSchema: GenEnum<WatchEvent_Kind> = /*@__PURE__*/
+  enumDesc(file_vfiod_v1_device, 8, 0);
+
+/**
  * DeviceService attaches, detaches and lists VFIO PCI devices of one running VM.
  *
  * Errors carry a google.rpc.ErrorInfo detail (domain "vfiod") whose reason is
@@ -267,6 +415,20 @@ export const DeviceService: GenService<{
     methodKind: "unary";
     input: typeof ListRequestSchema;
     output: typeof ListResponseSchema;
+  },
+  /**
+   * Watch streams device events: first one PRESENT per device already
+   * attached (to the VM, or to every VM), then SYNCED, then every change as it
+   * happens. A watcher that falls behind is ended with RESOURCE_EXHAUSTED and
+   * may watch again.
+   * buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+   *
+   * @generated from rpc vfiod.v1.DeviceService.Watch
+   */
+  watch: {
+    methodKind: "server_streaming";
+    input: typeof WatchRequestSchema;
+    output: typeof WatchEventSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_vfiod_v1_device, 0);

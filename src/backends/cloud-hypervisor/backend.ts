@@ -225,7 +225,13 @@ export class CloudHypervisorBackend implements DeviceLister, DeviceAttacher {
    * @throws DEVICE_NOT_ATTACHED, DETACH_PENDING, VM_NOT_RUNNING, VM_PAUSED,
    *   HYPERVISOR_ERROR, HYPERVISOR_UNAVAILABLE
    */
-  async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<AttachedDevice> {
+  async detach(
+    vm: VmRecord,
+    id: string,
+    waitMs: number,
+    signal: AbortSignal,
+    requested?: (device: AttachedDevice) => void,
+  ): Promise<AttachedDevice> {
     const client = this.client(vm);
     const info = await client.vmInfo(signal);
     requireRunning(vm, info);
@@ -249,6 +255,7 @@ export class CloudHypervisorBackend implements DeviceLister, DeviceAttacher {
         meta: { vm: vm.id, id },
       });
     }
+    requested?.(heldDevice(id, bdf, info));
     await this.awaitEject(client, vm, id, bdf, waitMs, signal);
     this.removals.completed(vm.socket, id);
     return heldDevice(id, bdf, info);

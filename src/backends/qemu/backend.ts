@@ -121,7 +121,13 @@ export class QemuBackend implements DeviceLister, DeviceAttacher {
     });
   }
 
-  async detach(vm: VmRecord, id: string, waitMs: number, signal: AbortSignal): Promise<AttachedDevice> {
+  async detach(
+    vm: VmRecord,
+    id: string,
+    waitMs: number,
+    signal: AbortSignal,
+    requested?: (device: AttachedDevice) => void,
+  ): Promise<AttachedDevice> {
     return this.session(vm, signal, async (monitor) => {
       await monitor.requireRunning();
       const entry = (await monitor.peripherals()).find((p) => p.name === id);
@@ -151,6 +157,7 @@ export class QemuBackend implements DeviceLister, DeviceAttacher {
           if ((await monitor.deviceDel(id)) === "gone") return removed(bdf);
           this.removals.requested(vm.socket, id, bdf);
         }
+        requested?.(removed(bdf));
         await this.awaitRemoval(monitor, id, bdf, deleted, waitMs, signal);
         this.removals.completed(vm.socket, id);
         return removed(bdf);
