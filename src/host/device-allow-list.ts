@@ -61,14 +61,12 @@ export class DeviceAllowList {
 
   private async readId(device: PciAddress): Promise<IdRule | undefined> {
     const dir = path.join(this.sysfsRoot, "sys/bus/pci/devices", device.bdf);
-    try {
-      const [vendor, dev] = await Promise.all(
-        ["vendor", "device"].map(async (file) => (await fs.readFile(path.join(dir, file), "utf8")).trim().toLowerCase()),
-      );
-      const hex = (value: string | undefined) => value?.replace(/^0x/, "").padStart(4, "0") ?? "";
-      return { vendor: hex(vendor), device: hex(dev) };
-    } catch {
-      return undefined;
-    }
+    // The kernel writes "0x10de\n"; a rule holds 4 lower-case hex digits.
+    const read = async (file: string) =>
+      (await fs.readFile(path.join(dir, file), "utf8")).trim().toLowerCase().replace(/^0x/, "").padStart(4, "0");
+    return Promise.all([read("vendor"), read("device")]).then(
+      ([vendor, dev]) => ({ vendor, device: dev }),
+      () => undefined,
+    );
   }
 }

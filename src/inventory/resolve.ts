@@ -26,8 +26,10 @@ function ambiguous(ref: string, matches: readonly VmRecord[]): VfiodError {
   return new VfiodError("VM_AMBIGUOUS", `vm ${quote(ref)} is ambiguous: matches ${listed.join(", ")}`);
 }
 
+// Only called once the prefix tier found nothing, so an id that starts with ref
+// means ref was too short to count as a prefix.
 function notFound(ref: string, vms: readonly VmRecord[]): VfiodError {
-  const tooShort = ref.length < MIN_PREFIX && vms.some((vm) => vm.idIsName !== true && vm.id.startsWith(ref));
+  const tooShort = vms.some((vm) => vm.idIsName !== true && vm.id.startsWith(ref));
   const hint = tooShort ? ` (an id prefix needs at least ${MIN_PREFIX} characters)` : "";
   return new VfiodError("VM_NOT_FOUND", `vm ${quote(ref)} not found${hint}`);
 }

@@ -53,6 +53,15 @@ describe("resolveVm", () => {
     expect(err.message).toBe('vm "K7" not found (an id prefix needs at least 3 characters)');
   });
 
+  test("a short ref gets the hint only when an id starts with it", () => {
+    expect(failure("K", VMS).message).toBe('vm "K" not found (an id prefix needs at least 3 characters)');
+    const err = failure("zz", VMS);
+    expect(err.reason).toBe("VM_NOT_FOUND");
+    expect(err.message).toBe('vm "zz" not found');
+    // "gp" starts a name, not an id.
+    expect(failure("gp", VMS).message).toBe('vm "gp" not found');
+  });
+
   test("names are never prefix-matched", () => {
     expect(failure("gpu", VMS).message).toBe('vm "gpu" not found');
   });
@@ -61,7 +70,11 @@ describe("resolveVm", () => {
     const node = { ...vm("gpu-node-1", "gpu-node-1"), idIsName: true as const };
     const err = failure("gpu", [node]);
     expect(err.reason).toBe("VM_NOT_FOUND");
+    expect(err.code).toBe(Code.NOT_FOUND);
+    expect(err.message).toBe('vm "gpu" not found');
     expect(failure("gpu-node", [node]).reason).toBe("VM_NOT_FOUND");
+    // Nor does a short ref get the "too short" hint from it: it is a name.
+    expect(failure("gp", [node]).message).toBe('vm "gp" not found');
     expect(resolveVm("gpu-node-1", [node])).toBe(node);
     // The same string as a real id is still a prefix.
     expect(resolveVm("gpu-node", [vm("other", "gpu-node-1")]).name).toBe("other");
@@ -76,6 +89,20 @@ describe("resolveVm", () => {
     expect(failure("gpu-vm", [vm("gpu-vm", "gpu-0001", "inventory"), GPU]).reason).toBe("VM_AMBIGUOUS");
   });
 
+  test("a VM whose id is its name is found by it among other VMs", () => {
+    expect(resolveVm("web", VMS)).toBe(WEB);
+    expect(resolveVm("web", [GPU, WEB, IDLE])).toBe(WEB);
+  });
+
+  test("an exact id that is also a name brings in every VM of that name, and only those", () => {
+    const a = vm("x-vm", "x-vm", "inventory");
+    const b = vm("b", "x-vm", "cocoon");
+    const c = vm("x-vm", "c-id", "cocoon");
+    expect(failure("x-vm", [a, b, c, GPU]).message).toBe(
+      'vm "x-vm" is ambiguous: matches x-vm (x-vm, inventory), b (x-vm, cocoon), x-vm (c-id, cocoon)',
+    );
+  });
+
   test("an exact id in one source wins over a name in another", () => {
     const fixed = vm("web", "gpu-vm", "inventory");
     expect(resolveVm("gpu-vm", [GPU, fixed])).toBe(fixed);
@@ -87,11 +114,14 @@ describe("resolveVm", () => {
     expect(err.message).toBe('vm "web" is ambiguous: matches web (web, inventory), other (web, cocoon)');
   });
 
-  test("a long list of matches is cut short", () => {
+  test("a long list of matches is cut short after 10", () => {
     const many = Array.from({ length: 13 }, (_, i) => vm(`n${i}`, `vm-${i}`));
+    const listed = (n: number) => many.slice(0, n).map((v) => `${v.name} (${v.id}, inventory)`).join(", ");
     const err = failure("vm-", many);
-    expect(err.message).toContain("n9 (vm-9, inventory), and 3 more");
-    expect(err.message).not.toContain("n10");
+    expect(err.reason).toBe("VM_AMBIGUOUS");
+    expect(err.message).toBe(`vm "vm-" is ambiguous: matches ${listed(10)}, and 3 more`);
+    expect(failure("vm-", many.slice(0, 11)).message).toBe(`vm "vm-" is ambiguous: matches ${listed(10)}, and 1 more`);
+    expect(failure("vm-", many.slice(0, 10)).message).toBe(`vm "vm-" is ambiguous: matches ${listed(10)}`);
   });
 
   test("an empty ref is an invalid argument", () => {
@@ -105,6 +135,8 @@ describe("resolveVm", () => {
     expect(failure('no"pe', VMS).message).toBe('vm "no\\"pe" not found');
     const long = "x".repeat(500);
     expect(failure(long, VMS).message).toBe(`vm "${"x".repeat(64)}"... not found`);
+    expect(failure("x".repeat(65), VMS).message).toBe(`vm "${"x".repeat(64)}"... not found`);
+    expect(failure("x".repeat(64), VMS).message).toBe(`vm "${"x".repeat(64)}" not found`);
     expect(failure("anything", []).reason).toBe("VM_NOT_FOUND");
   });
 });
