@@ -41,6 +41,7 @@ export type ServiceHandlers<S extends DescService> = { [K in keyof Methods<S>]: 
 /** Turns whatever a handler threw into the status the caller gets. */
 export type ErrorToStatus = (err: unknown) => Partial<grpc.StatusObject>;
 
+/** Every method of a service, which must all be unary: a server or client of it would silently lack the others. */
 function unaryMethods(service: DescService): DescMethod[] {
   for (const method of service.methods) {
     if (method.methodKind !== "unary") {
@@ -157,8 +158,14 @@ export interface CallOptions {
   metadata?: grpc.Metadata;
 }
 
+/** The names of a service's unary methods (for a generated service: all of vfiod's, Health's Check and List). */
+type UnaryMethodNames<S extends DescService> = {
+  [K in keyof Methods<S>]: Methods<S>[K] extends { methodKind: "unary" } ? K : never;
+}[keyof Methods<S>];
+
+/** A typed promise client with one function per unary method of the service. */
 export type ServiceClient<S extends DescService> = {
-  [K in keyof Methods<S>]: (
+  [K in UnaryMethodNames<S>]: (
     request: MessageInitShape<InputOf<Methods<S>[K]>>,
     options?: CallOptions,
   ) => Promise<MessageShape<OutputOf<Methods<S>[K]>>>;
@@ -168,16 +175,42 @@ export type ServiceClient<S extends DescService> = {
   close(): void;
 };
 
-/** A typed promise client for a protoc-gen-es service over grpc-js. */
+/**
+ * A typed promise client for a protoc-gen-es service over grpc-js.
+ * @throws Error when the service has a streaming method (see createUnaryClient).
+ */
 export function createClient<S extends DescService>(
   service: S,
   target: string,
   credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
   channelOptions: grpc.ChannelOptions = {},
 ): ServiceClient<S> {
+  return clientFor(unaryMethods(service), target, credentials, channelOptions);
+}
+
+/**
+ * A typed promise client for the unary methods of a service that also has streaming ones
+ * (grpc.health.v1.Health: Check and List, not Watch); the others are not on it.
+ */
+export function createUnaryClient<S extends DescService>(
+  service: S,
+  target: string,
+  credentials: grpc.ChannelCredentials = grpc.credentials.createInsecure(),
+  channelOptions: grpc.ChannelOptions = {},
+): ServiceClient<S> {
+  const unary = service.methods.filter((method) => method.methodKind === "unary");
+  return clientFor(unary, target, credentials, channelOptions);
+}
+
+function clientFor<S extends DescService>(
+  unary: readonly DescMethod[],
+  target: string,
+  credentials: grpc.ChannelCredentials,
+  channelOptions: grpc.ChannelOptions,
+): ServiceClient<S> {
   const client = new grpc.Client(target, credentials, channelOptions);
   const methods: Record<string, unknown> = {};
-  for (const method of unaryMethods(service)) {
+  for (const method of unary) {
     methods[method.localName] = (request: MessageInitShape<DescMessage>, options: CallOptions = {}) =>
       new Promise<Message>((resolve, reject) => {
         const callOptions: grpc.CallOptions = {};
