@@ -277,11 +277,11 @@ export function buildCli(): Command {
         "vfiod.v1.InventoryService): prints its status and exits 0 only when it is SERVING, 1 otherwise " +
         "(NOT_SERVING, an unknown service, vfiod unreachable)",
     )
-    .action((service: string | undefined) =>
+    .action((service = "") =>
       withClient(opts(), createHealthClient, async (health) => {
-        const { status } = await health.check({ service: service ?? "" }, { timeoutMs: opts().timeout });
+        const { status } = await health.check({ service }, { timeoutMs: opts().timeout });
         const name = HealthCheckResponse_ServingStatus[status] ?? String(status);
-        if (opts().json) printJson({ service: service ?? "", status: name });
+        if (opts().json) printJson({ service, status: name });
         else process.stdout.write(`${name}\n`);
         if (status !== HealthCheckResponse_ServingStatus.SERVING) process.exitCode = 1;
       }),
