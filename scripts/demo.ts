@@ -62,6 +62,8 @@ async function main(): Promise<void> {
 demo VM "demo" (QEMU q35, ${SPARE_ROOT_PORTS} spare root ports) is running; vfiod serves it on 127.0.0.1:50051.
 Try, in another terminal:
   grpcurl -plaintext -d '{"vm":"demo"}' 127.0.0.1:50051 vfiod.v1.DeviceService/List
+  node dist/src/cli.js vms
+  node dist/src/cli.js devices --vfio-only
   node dist/src/cli.js list demo
 Ctrl-C stops vfiod and the VM.
 `);

@@ -1,11 +1,14 @@
 #!/usr/bin/env node
-// vfiodctl: the operator's gRPC client for vfiod (attach, detach, list).
+// vfiodctl: the operator's gRPC client for vfiod (attach, detach, list; VMs, host devices, health).
 import * as grpc from "@grpc/grpc-js";
+import { toJson } from "@bufbuild/protobuf";
 import { Command, CommanderError, Option } from "commander";
 import fs from "node:fs";
+import { HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb";
 import type { Device } from "../gen/vfiod/v1/device_pb";
+import { HostDeviceSchema, VmSchema, type HostDevice, type Vm } from "../gen/vfiod/v1/inventory_pb";
 import { parseDuration } from "./config";
-import { createDeviceClient, errorInfo, type DeviceClient } from "./grpc/client";
+import { createDeviceClient, createHealthClient, createInventoryClient, errorInfo } from "./grpc/client";
 
 interface GlobalOptions {
   address: string;
@@ -22,10 +25,51 @@ function credentials(o: GlobalOptions): grpc.ChannelCredentials {
   return grpc.credentials.createSsl(read(o.tlsCa), read(o.tlsKey), read(o.tlsCert));
 }
 
+const printJson = (value: unknown) => process.stdout.write(`${JSON.stringify(value)}\n`);
+
+/** Text from vfiod (a hypervisor's state or error text may hold newlines or escapes) on one line. */
+const oneLine = (text: string) => text.replace(/\p{Cc}+/gu, " ");
+
+/** Rows as columns two spaces apart; the last column is not padded, so a long last cell widens only its own line. */
+function tableLines(rows: readonly (readonly string[])[]): string[] {
+  const cells = rows.map((row) => row.map(oneLine));
+  const widths = cells[0]!.map((_, i) => Math.max(...cells.map((r) => r[i]!.length)));
+  return cells.map((row) => row.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd());
+}
+
+/** Where to wrap long text: the terminal's width, 120 columns into a pipe or file. */
+function lineWidth(): number {
+  return process.stdout.isTTY && process.stdout.columns > 0 ? process.stdout.columns : 120;
+}
+
+/**
+ * `text` in lines of at most `width` characters starting with `indent`, broken after a "; "
+ * where it can (so a line of a preflight's fix holds whole commands), else between words.
+ */
+function wrap(text: string, indent: string, width: number): string[] {
+  const room = Math.max(20, width - indent.length);
+  const lines: string[] = [];
+  let line = "";
+  const put = (piece: string) => {
+    if (line === "") line = piece;
+    else if (line.length + 1 + piece.length <= room) line += ` ${piece}`;
+    else {
+      lines.push(line);
+      line = piece;
+    }
+  };
+  for (const clause of oneLine(text).trim().split(/(?<=;) +/)) {
+    if (clause.length <= room) put(clause);
+    else for (const word of clause.split(/ +/)) put(word);
+  }
+  if (line !== "") lines.push(line);
+  return lines.map((l) => indent + l);
+}
+
 function printDevices(devices: Device[], json: boolean): void {
   const plain = devices.map((d) => ({ id: d.id, bdf: d.bdf, path: d.path, guestBdf: d.guestBdf }));
   if (json) {
-    process.stdout.write(`${JSON.stringify(plain)}\n`);
+    printJson(plain);
     return;
   }
   if (plain.length === 0) {
@@ -33,8 +77,61 @@ function printDevices(devices: Device[], json: boolean): void {
     return;
   }
   const rows = [["ID", "HOST BDF", "GUEST BDF"], ...plain.map((d) => [d.id, d.bdf || "-", d.guestBdf || "-"])];
-  const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
-  for (const row of rows) process.stdout.write(`${row.map((c, i) => c.padEnd(widths[i]!)).join("  ").trimEnd()}\n`);
+  for (const line of tableLines(rows)) process.stdout.write(`${line}\n`);
+}
+
+/**
+ * VMs, STATE last and in full: past "Running" or "Paused" it says why ("unreachable: ...",
+ * "not running: ...", "unknown: ..."), which is what an operator lists VMs for; as the last
+ * column, a long state lengthens only its own line.
+ */
+function printVms(vms: Vm[], json: boolean): void {
+  if (json) {
+    printJson(vms.map((vm) => toJson(VmSchema, vm, { alwaysEmitImplicit: true })));
+    return;
+  }
+  if (vms.length === 0) {
+    process.stdout.write("no VMs\n");
+    return;
+  }
+  const rows = [["ID", "NAME", "HYPERVISOR", "SOURCE", "STATE"], ...vms.map((vm) => [vm.id, vm.name, vm.hypervisor, vm.source, vm.state])];
+  for (const line of tableLines(rows)) process.stdout.write(`${line}\n`);
+}
+
+/** Who holds a device: the VM's id, else the process's pid. */
+function holder(d: HostDevice): string {
+  if (d.heldByVm !== "") return d.heldByVm;
+  return d.heldByPid !== 0 ? `pid ${d.heldByPid}` : "-";
+}
+
+/** Host devices, one row each; under a device that is not ready, why, indented and wrapped. */
+function printHostDevices(devices: HostDevice[], vfioOnly: boolean, json: boolean): void {
+  if (json) {
+    printJson(devices.map((d) => toJson(HostDeviceSchema, d, { alwaysEmitImplicit: true })));
+    return;
+  }
+  if (devices.length === 0) {
+    process.stdout.write(vfioOnly ? "no PCI devices on a VFIO driver\n" : "no PCI devices\n");
+    return;
+  }
+  const number = (n: number) => (n < 0 ? "-" : String(n));
+  const rows = devices.map((d) => [
+    d.bdf,
+    `${d.vendorId}:${d.deviceId}`,
+    d.classCode || "-",
+    d.driver || "-",
+    number(d.iommuGroup),
+    d.ready ? "yes" : "no",
+    holder(d),
+    number(d.numaNode),
+  ]);
+  const [header, ...lines] = tableLines([["BDF", "VENDOR:DEVICE", "CLASS", "DRIVER", "GROUP", "READY", "HELD BY", "NUMA"], ...rows]);
+  const out = [header!];
+  devices.forEach((d, i) => {
+    out.push(lines[i]!);
+    if (!d.ready && d.notReadyReason !== "") out.push(...wrap(d.notReadyReason, "    ", lineWidth()));
+  });
+  process.stdout.write(`${out.join("\n")}\n`);
 }
 
 /** Prints a failed call as "CODE REASON: message" (or JSON) and sets exit code 1. */
@@ -48,8 +145,12 @@ function printError(err: unknown, json: boolean): void {
   process.exitCode = 1;
 }
 
-async function withClient(o: GlobalOptions, fn: (client: DeviceClient) => Promise<void>): Promise<void> {
-  const client = createDeviceClient(o.address, credentials(o));
+async function withClient<C extends { close(): void }>(
+  o: GlobalOptions,
+  create: (target: string, credentials: grpc.ChannelCredentials) => C,
+  fn: (client: C) => Promise<void>,
+): Promise<void> {
+  const client = create(o.address, credentials(o));
   try {
     await fn(client);
   } catch (err) {
@@ -61,7 +162,7 @@ async function withClient(o: GlobalOptions, fn: (client: DeviceClient) => Promis
 
 export function buildCli(): Command {
   const program = new Command("vfiodctl")
-    .description("talk to vfiod: attach, detach and list VFIO PCI devices of running VMs")
+    .description("talk to vfiod: attach, detach and list VFIO PCI devices of running VMs; list VMs and host devices; check health")
     .addOption(
       new Option("-a, --address <target>", "vfiod address: host:port or unix:/path")
         .default("127.0.0.1:50051")
@@ -72,6 +173,16 @@ export function buildCli(): Command {
     .option("--tls-ca <file>", "CA (PEM) that signed vfiod's certificate; enables TLS")
     .option("--tls-cert <file>", "client certificate (PEM) for mTLS")
     .option("--tls-key <file>", "client key (PEM) for mTLS")
+    .configureHelp({ showGlobalOptions: true })
+    .addHelpText(
+      "after",
+      [
+        "",
+        "Exit status: 0 done; 1 vfiod refused the call or could not be reached (its code",
+        'and reason on stderr, or {"error": ...} on stdout with --json), or health is not',
+        "SERVING; 2 usage error.",
+      ].join("\n"),
+    )
     .exitOverride();
   const opts = () => program.opts<GlobalOptions>();
   // A client certificate without the CA that checks vfiod's would silently talk plaintext.
@@ -87,30 +198,92 @@ export function buildCli(): Command {
 
   program
     .command("attach <vm> <pci>")
-    .description("hot-plug host PCI device <pci> (01:00.0, 0000:01:00.0 or /sys/bus/pci/devices/<bdf>) into <vm>")
+    .summary("hot-plug host PCI device <pci> into <vm>")
+    .description(
+      "hot-plug host PCI device <pci> (01:00.0, 0000:01:00.0 or /sys/bus/pci/devices/<bdf>) into <vm>; " +
+        "prints it (with --whole-group, then its companions) as a table, or with --json as one array, " +
+        "[device, ...companions]",
+    )
     .option("--id <id>", "device id in the VM (default: chosen by the hypervisor)", "")
-    .action((vm: string, pci: string, sub: { id: string }) =>
-      withClient(opts(), async (client) => {
-        const { device } = await client.attach({ vm, pci, id: sub.id }, { timeoutMs: opts().timeout });
-        printDevices(device === undefined ? [] : [device], opts().json);
+    .option(
+      "--whole-group",
+      "also attach the other endpoints of <pci>'s IOMMU group, after it, all or nothing; each gets the " +
+        "id <id>-<bus>-<device>-<function> (gpu0-01-00-1 for 0000:01:00.1)",
+    )
+    .action((vm: string, pci: string, sub: { id: string; wholeGroup?: boolean }) =>
+      withClient(opts(), createDeviceClient, async (client) => {
+        const { device, companions } = await client.attach(
+          { vm, pci, id: sub.id, wholeGroup: sub.wholeGroup === true },
+          { timeoutMs: opts().timeout },
+        );
+        printDevices([...(device === undefined ? [] : [device]), ...companions], opts().json);
       }),
     );
   program
     .command("detach <vm> <id>")
+    .summary("remove device <id> from <vm>")
     .description("remove device <id> from <vm>, waiting for the guest to release it")
-    .action((vm: string, id: string) =>
-      withClient(opts(), async (client) => {
-        await client.detach({ vm, id }, { timeoutMs: opts().timeout });
-        process.stdout.write(opts().json ? `${JSON.stringify({ vm, id, detached: true })}\n` : `detached ${id} from ${vm}\n`);
+    .option("--whole-group", "first remove the companions a whole-group attach added with <id> (<id>-<bus>-<device>-<function>)")
+    .action((vm: string, id: string, sub: { wholeGroup?: boolean }) =>
+      withClient(opts(), createDeviceClient, async (client) => {
+        const wholeGroup = sub.wholeGroup === true;
+        await client.detach({ vm, id, wholeGroup }, { timeoutMs: opts().timeout });
+        if (opts().json) printJson({ vm, id, detached: true, wholeGroup });
+        else process.stdout.write(`detached ${id}${wholeGroup ? " and its companions" : ""} from ${vm}\n`);
       }),
     );
   program
     .command("list <vm>")
     .description("list the VFIO devices <vm> holds now")
     .action((vm: string) =>
-      withClient(opts(), async (client) => {
+      withClient(opts(), createDeviceClient, async (client) => {
         const { devices } = await client.list({ vm }, { timeoutMs: opts().timeout });
         printDevices(devices, opts().json);
+      }),
+    );
+  program
+    .command("vms")
+    .summary("list the VMs vfiod can see, with their state")
+    .description(
+      "list the VMs vfiod can see (the --inventory file, cocoon's records) with the state their hypervisor " +
+        "reports; STATE is shown in full: when a VM is not running it says why",
+    )
+    .action(() =>
+      withClient(opts(), createInventoryClient, async (inventory) => {
+        const { vms } = await inventory.listVms({}, { timeoutMs: opts().timeout });
+        printVms(vms, opts().json);
+      }),
+    );
+  program
+    .command("devices")
+    .summary("list the host's PCI devices: ready to attach? held by whom?")
+    .description(
+      "list the host's PCI endpoints (bridges left out): ids, class, driver, IOMMU group, whether an attach " +
+        "would pass now, who holds it (a VM's id, else a pid), NUMA node; under a device that is not ready, why",
+    )
+    .option("--vfio-only", "only devices bound to a VFIO driver (vfio-pci or a variant)")
+    .action((sub: { vfioOnly?: boolean }) =>
+      withClient(opts(), createInventoryClient, async (inventory) => {
+        const vfioOnly = sub.vfioOnly === true;
+        const { devices } = await inventory.listHostDevices({ vfioOnly }, { timeoutMs: opts().timeout });
+        printHostDevices(devices, vfioOnly, opts().json);
+      }),
+    );
+  program
+    .command("health [service]")
+    .summary("check that vfiod serves (exit 0 only when SERVING)")
+    .description(
+      'grpc.health.v1.Health/Check of [service] ("", the default: vfiod as a whole; vfiod.v1.DeviceService; ' +
+        "vfiod.v1.InventoryService): prints its status and exits 0 only when it is SERVING, 1 otherwise " +
+        "(NOT_SERVING, an unknown service, vfiod unreachable)",
+    )
+    .action((service = "") =>
+      withClient(opts(), createHealthClient, async (health) => {
+        const { status } = await health.check({ service }, { timeoutMs: opts().timeout });
+        const name = HealthCheckResponse_ServingStatus[status] ?? String(status);
+        if (opts().json) printJson({ service, status: name });
+        else process.stdout.write(`${name}\n`);
+        if (status !== HealthCheckResponse_ServingStatus.SERVING) process.exitCode = 1;
       }),
     );
   return program;

@@ -7,7 +7,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import yaml from "js-yaml";
-import { parseConfig, UsageError, type Config } from "../src/config";
+import { parseConfig, parseDuration, UsageError, type Config } from "../src/config";
 import { INSTALL_PARTS, startVfiod, type VfiodProcess } from "./support/vfiod-process";
 
 const DEPLOY = path.resolve(__dirname, "../deploy");
@@ -126,8 +126,8 @@ describe("deploy/Containerfile", () => {
 interface Container {
   env: { name: string; value: string }[];
   securityContext: Record<string, unknown> & { capabilities: { drop: string[]; add: string[] } };
-  readinessProbe: { exec: { command: string[] } };
-  livenessProbe: { exec: { command: string[] } };
+  readinessProbe: { exec: { command: string[] }; timeoutSeconds: number };
+  livenessProbe: { exec: { command: string[] }; timeoutSeconds: number };
   volumeMounts: { name: string; mountPath: string; readOnly?: boolean }[];
 }
 
@@ -184,20 +184,29 @@ describe("deploy/kubernetes/daemonset.yaml", () => {
       return spawnSync(process.execPath, command.slice(1), { encoding: "utf8", timeout: 15_000 });
     }
 
-    test("liveness and readiness run the same check on the configured socket", () => {
+    test("liveness and readiness run the same check: vfiodctl health from the install, on the configured socket", () => {
       expect(container.livenessProbe.exec).toEqual(container.readinessProbe.exec);
-      expect(container.readinessProbe.exec.command.join(" ")).toContain(`unix:${config.socket}`);
+      const command = container.readinessProbe.exec.command;
+      expect(command).toEqual(["node", `${INSTALL_DIR}/dist/src/cli.js`, "--address", `unix:${config.socket}`, "--timeout", "2s", "health"]);
+      // vfiodctl gives up, saying why, before kubelet kills the probe
+      const timeout = parseDuration(command[command.indexOf("--timeout") + 1]!);
+      for (const probe of [container.readinessProbe, container.livenessProbe]) expect(timeout).toBeLessThan(probe.timeoutSeconds * 1000);
     });
 
     test("passes on a serving vfiod, fails with the reason where none serves", async () => {
       const socket = path.join(dir, "vfiod.sock");
       vfiod = await startVfiod(["--socket", socket, "--cocoon-root", dir]);
       const passing = probe(socket);
-      expect({ status: passing.status, stderr: passing.stderr }).toEqual({ status: 0, stderr: "" });
+      expect({ status: passing.status, stdout: passing.stdout, stderr: passing.stderr }).toEqual({
+        status: 0,
+        stdout: "SERVING\n",
+        stderr: "",
+      });
       await vfiod.stop();
       const failing = probe(socket);
       expect(failing.status).toBe(1);
-      expect(failing.stderr).toContain("vfiod health: 14 UNAVAILABLE");
+      expect(failing.stderr).toMatch(/^error: UNAVAILABLE: /);
+      expect(failing.stderr).toContain(`connect ENOENT ${socket}`);
     });
   });
 });

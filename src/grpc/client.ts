@@ -1,9 +1,11 @@
-// Typed DeviceService and InventoryService clients for tests, the CLI and other Node callers.
+// Typed DeviceService, InventoryService and grpc.health.v1.Health clients for tests, the CLI
+// and other Node callers.
 import * as grpc from "@grpc/grpc-js";
 import { fromBinary } from "@bufbuild/protobuf";
 import { anyUnpack } from "@bufbuild/protobuf/wkt";
 import { ErrorInfoSchema, type ErrorInfo } from "../../gen/google/rpc/error_details_pb";
 import { StatusSchema } from "../../gen/google/rpc/status_pb";
+import { Health } from "../../gen/grpc/health/v1/health_pb";
 import { DeviceService } from "../../gen/vfiod/v1/device_pb";
 import { InventoryService } from "../../gen/vfiod/v1/inventory_pb";
 import { createClient, type ServiceClient } from "./adapter";
@@ -11,6 +13,8 @@ import { ERROR_DOMAIN, STATUS_DETAILS_KEY } from "./status";
 
 export type DeviceClient = ServiceClient<typeof DeviceService>;
 export type InventoryClient = ServiceClient<typeof InventoryService>;
+/** Health's unary methods, Check and List (its Watch streams and is not on it). */
+export type HealthClient = ServiceClient<typeof Health>;
 
 export function createDeviceClient(
   target: string,
@@ -26,6 +30,14 @@ export function createInventoryClient(
   channelOptions?: grpc.ChannelOptions,
 ): InventoryClient {
   return createClient(InventoryService, target, credentials, channelOptions);
+}
+
+export function createHealthClient(
+  target: string,
+  credentials?: grpc.ChannelCredentials,
+  channelOptions?: grpc.ChannelOptions,
+): HealthClient {
+  return createClient(Health, target, credentials, channelOptions);
 }
 
 /** The vfiod ErrorInfo of a failed call, when the server sent one. */
