@@ -57,7 +57,7 @@ export interface BenchHostOptions {
   readonly hostProcesses?: boolean;
 }
 
-/** Fake pids start here, above any pid this machine hands out (pid_max 4194304 aside, ours are small). */
+/** Fake pids start at or above this, and above every pid this machine has now. */
 const FAKE_PID_BASE = 3_000_000;
 
 export class BenchHost {
@@ -154,8 +154,9 @@ function buildFakeProc(
   for (const pid of pids) fs.symlinkSync(path.join("/proc", pid), path.join(root, pid));
   // vfiod checks that it may read other processes' fds by reading /proc/1/fd.
   if (!pids.includes("1")) fs.mkdirSync(path.join(root, "1", "fd"), { recursive: true });
+  const firstPid = Math.max(FAKE_PID_BASE, ...pids.map(Number).map((pid) => pid + 1));
   vms.forEach((vm, i) => {
-    const dir = path.join(root, String(FAKE_PID_BASE + i));
+    const dir = path.join(root, String(firstPid + i));
     fs.mkdirSync(path.join(dir, "fd"), { recursive: true });
     fs.writeFileSync(path.join(dir, "comm"), "cloud-hyperviso\n");
     const args = ["cloud-hypervisor", "--api-socket", `path=${vm.socket}`, "--cpus", "boot=2", "--memory", "size=1G"];

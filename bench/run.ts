@@ -150,7 +150,7 @@ async function countRequests(host: BenchHost, op: () => Promise<unknown>): Promi
   const asked = new Set(host.vms.filter((vm, i) => vm.double.requests.length > before[i]!).map((vm) => vm.name));
   return {
     total: sent.length,
-    endpoints: `${[...byEndpoint].map(([e, n]) => `${n} ${e}`).join(", ")}; VMs asked: ${[...asked].join(", ")}`,
+    endpoints: `${[...byEndpoint].map(([e, n]) => `${n} ${e}`).join(" + ")} (to ${asked.size === 1 ? `${[...asked][0]} only` : `${asked.size} VMs`})`,
   };
 }
 
@@ -226,11 +226,9 @@ async function scaling(f: Fixture): Promise<void> {
     const detach = await countRequests(host, () => vfiod.client.detach({ vm: "vm0", id: "bench" }));
     counts.push({ vms: host.vms.length, attach, detach });
   }
-  for (const { vms, attach, detach } of counts) {
-    console.log(`      hypervisor requests at ${vms} VM(s): Attach ${attach.total} (${attach.endpoints}); Detach ${detach.total} (${detach.endpoints})`);
-  }
   const [c1, c100] = [counts[0]!.attach.total, counts[1]!.attach.total];
-  report("hypervisor requests per Attach, 100 VMs vs 1 VM", "requests", c100, c1, ratioAtMost(1));
+  const detail = counts.map(({ vms, attach, detach }) => `at ${vms} VM${vms === 1 ? "" : "s"}: Attach = ${attach.endpoints}, Detach = ${detach.endpoints}`).join("; ");
+  report("hypervisor requests per Attach, 100 VMs vs 1 VM", "requests", c100, c1, ratioAtMost(1), detail);
 }
 
 /** List, Attach+Detach and a refused Attach against what they cannot avoid. */
@@ -412,9 +410,14 @@ async function startAndMemory(f: Fixture): Promise<void> {
     const tBare = await nodeStart();
     const started = performance.now();
     const vfiod = await VfiodProcess.start({ args: vfiodArgs(host, f.sysfsRoot, f.dir), label: "cold-start" });
-    const status = await VfiodProcess.health(vfiod.address);
-    const t = performance.now() - started;
-    await vfiod.stop();
+    let status: string;
+    let t: number;
+    try {
+      status = await VfiodProcess.health(vfiod.address);
+      t = performance.now() - started;
+    } finally {
+      await vfiod.stop();
+    }
     if (status !== "SERVING") throw new Error(`health said ${status}`);
     if (i >= 0) {
       starts.push(t);
@@ -496,6 +499,9 @@ async function main(): Promise<void> {
       const t = performance.now();
       await measure(f);
       console.log(`      (${measure.name}: ${((performance.now() - t) / 1000).toFixed(1)} s)`);
+      for (const p of f.processes.filter((p) => p.problems.length > 0)) {
+        console.log(`      (vfiod ${p.label} logged ${p.problems.length} warn/error lines; the first: ${p.problems[0]})`);
+      }
       // Each measure's vfiod is stopped before the next starts: one vfiod at a time on the CPUs.
       await Promise.all(f.processes.splice(0).map((p) => p.stop()));
       await Promise.all(f.hosts.splice(0).map((h) => h.close()));

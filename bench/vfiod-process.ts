@@ -28,6 +28,7 @@ export class VfiodProcess {
   private exited: Promise<unknown>;
 
   private constructor(
+    readonly label: string,
     readonly child: ChildProcess,
     readonly address: string,
     /** ms from spawn to "vfiod serving" logged. */
@@ -73,7 +74,7 @@ export class VfiodProcess {
         }
       });
     });
-    return new VfiodProcess(child, `127.0.0.1:${port}`, servingAfterMs, inspectorUrl, problems);
+    return new VfiodProcess(options.label ?? "bench", child, `127.0.0.1:${port}`, servingAfterMs, inspectorUrl, problems);
   }
 
   get pid(): number {
