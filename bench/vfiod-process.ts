@@ -83,9 +83,13 @@ export class VfiodProcess {
 
   /** VmRSS of the process, in MiB, from /proc/<pid>/status. */
   rssMiB(): number {
+    return this.status("VmRSS") / 1024;
+  }
+
+  /** A /proc/<pid>/status field in kB ("VmRSS", "RssAnon", "RssFile"). */
+  status(field: string): number {
     const status = fs.readFileSync(`/proc/${this.pid}/status`, "utf8");
-    const kib = Number(/^VmRSS:\s+(\d+) kB/m.exec(status)?.[1]);
-    return kib / 1024;
+    return Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)?.[1]);
   }
 
   /** A full GC in the process (through the inspector), then its process.memoryUsage() once RSS has settled. */
