@@ -104,11 +104,6 @@ export class BenchHost {
     return double;
   }
 
-  /** Requests the doubles received so far, all VMs together. */
-  requestCount(): number {
-    return this.vms.reduce((n, vm) => n + vm.double.requests.length, 0);
-  }
-
   async close(): Promise<void> {
     await Promise.all(this.vms.map((vm) => vm.double.close()));
   }

@@ -29,12 +29,11 @@ import type { DeviceClient } from "../src/grpc/client";
 import type { ChDouble, ChRequest } from "../test/support/ch-double";
 import { BenchHost, buildBenchSysfs, type BenchHostOptions } from "./host";
 import { RawClientProcess, type RawRequest } from "./raw-client";
-import { VfiodProcess } from "./vfiod-process";
+import { statusMB, VfiodProcess } from "./vfiod-process";
 
 const SCALE = Math.max(1, Number(process.env.BENCH_SCALE ?? 1));
 const rounds = (n: number) => Math.round(n * SCALE);
 const RESULTS = path.resolve(__dirname, "../../bench/results.json");
-const MB = 1e6;
 
 // ---- results ----
 
@@ -429,16 +428,16 @@ async function startAndMemory(f: Fixture): Promise<void> {
   // With the inspector too, as the vfiod measured here runs with it (for the GC).
   const idleNode = spawn(process.execPath, ["--inspect=127.0.0.1:0", "-e", "setInterval(() => {}, 1000)"], { stdio: "ignore" });
   await sleep(500);
-  const bareRss = (Number(/^VmRSS:\s+(\d+) kB/m.exec(fs.readFileSync(`/proc/${idleNode.pid}/status`, "utf8"))?.[1]) * 1024) / MB;
+  const bareRss = statusMB(idleNode.pid!, "VmRSS");
   idleNode.kill();
 
   const vfiod = await startVfiod(f, "memory", host, [], true);
   await firstRefreshDone(host, 0);
   await sleep(500);
-  const beforeGc = (vfiod.rssMiB() * 1024 * 1024) / MB;
+  const beforeGc = vfiod.memoryMB();
   await vfiod.gc();
-  const idle = (vfiod.rssMiB() * 1024 * 1024) / MB;
-  const [anon, file] = ["RssAnon", "RssFile"].map((field) => (vfiod.status(field) * 1024) / MB);
+  const idle = vfiod.memoryMB();
+  const [anon, file] = [vfiod.memoryMB("RssAnon"), vfiod.memoryMB("RssFile")];
   // Without the forced GC, V8's memory reducer gets there by itself some 10 to 30 s into idleness.
   report(
     "idle RSS after GC (4 VMs) vs a bare idle node",
@@ -446,7 +445,7 @@ async function startAndMemory(f: Fixture): Promise<void> {
     idle,
     bareRss,
     atMost(80, "MB"),
-    `anonymous ${anon!.toFixed(1)} + file ${file!.toFixed(1)} (node's own binary, mostly); ${beforeGc.toFixed(1)} MB before the GC`,
+    `anonymous ${anon.toFixed(1)} + file ${file.toFixed(1)} (node's own binary, mostly); ${beforeGc.toFixed(1)} MB before the GC`,
   );
 
   // 10,000 calls: on each of the 4 VMs at once, List, Attach, List, Detach, and an Attach refused for bad input.
@@ -467,7 +466,7 @@ async function startAndMemory(f: Fixture): Promise<void> {
   await callsRound(2000);
   const measure = async () => {
     const heap = await vfiod.gc();
-    return { rss: (vfiod.rssMiB() * 1024 * 1024) / MB, heap: heap.heapUsed / MB };
+    return { rss: vfiod.memoryMB(), heap: heap.heapUsed / 1e6 };
   };
   await measure();
   const roundMs1 = await timed(() => callsRound(rounds(10_000)));

@@ -1,7 +1,9 @@
 // The built vfiod server (dist/src/main.js) as its own process, the way it runs
 // on a host: its startup time, memory and CPU are its own, apart from the bench's
 // doubles and clients. Optionally with the inspector (to run a GC before reading
-// memory) or --cpu-prof (BENCH_CPU_PROF=<dir>).
+// memory) or --cpu-prof (BENCH_CPU_PROF=<dir>). Unlike the tests' startVfiod
+// (test/support/vfiod-process.ts), it parses and keeps only the log lines it
+// needs: 20,000 calls would otherwise make the bench's own work part of the measure.
 import * as grpc from "@grpc/grpc-js";
 import { spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
@@ -31,10 +33,8 @@ export class VfiodProcess {
     readonly label: string,
     readonly child: ChildProcess,
     readonly address: string,
-    /** ms from spawn to "vfiod serving" logged. */
-    readonly servingAfterMs: number,
     private readonly inspectorUrl: string | undefined,
-    /** warn/error/fatal log lines seen (the bench fails on unexpected ones). */
+    /** warn/error/fatal log lines seen (the bench prints them). */
     readonly problems: string[],
   ) {
     this.client = createDeviceClient(address);
@@ -50,14 +50,13 @@ export class VfiodProcess {
       fs.mkdirSync(profDir, { recursive: true });
       nodeArgs.push("--cpu-prof", `--cpu-prof-dir=${path.resolve(profDir)}`, `--cpu-prof-name=vfiod-${options.label ?? "bench"}-${Date.now()}.cpuprofile`);
     }
-    const started = performance.now();
     const child = spawn(process.execPath, [...nodeArgs, MAIN_JS, "--listen", "127.0.0.1:0", ...options.args], {
       env: { PATH: process.env.PATH },
       stdio: ["ignore", "ignore", "pipe"],
     });
     const problems: string[] = [];
     let inspectorUrl: string | undefined;
-    const { port, servingAfterMs } = await new Promise<{ port: number; servingAfterMs: number }>((resolve, reject) => {
+    const port = await new Promise<number>((resolve, reject) => {
       const timer = setTimeout(() => reject(new Error("vfiod did not start within 15 s")), 15_000);
       child.once("exit", (code, signal) => {
         clearTimeout(timer);
@@ -70,26 +69,20 @@ export class VfiodProcess {
         if (/"level":"(warn|error|fatal)"/.test(line)) problems.push(line.slice(0, 500));
         if (line.includes('"msg":"vfiod serving"')) {
           clearTimeout(timer);
-          resolve({ port: Number((JSON.parse(line) as { port: number }).port), servingAfterMs: performance.now() - started });
+          resolve(Number((JSON.parse(line) as { port: number }).port));
         }
       });
     });
-    return new VfiodProcess(options.label ?? "bench", child, `127.0.0.1:${port}`, servingAfterMs, inspectorUrl, problems);
+    return new VfiodProcess(options.label ?? "bench", child, `127.0.0.1:${port}`, inspectorUrl, problems);
   }
 
   get pid(): number {
     return this.child.pid ?? 0;
   }
 
-  /** VmRSS of the process, in MiB, from /proc/<pid>/status. */
-  rssMiB(): number {
-    return this.status("VmRSS") / 1024;
-  }
-
-  /** A /proc/<pid>/status field in kB ("VmRSS", "RssAnon", "RssFile"). */
-  status(field: string): number {
-    const status = fs.readFileSync(`/proc/${this.pid}/status`, "utf8");
-    return Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)?.[1]);
+  /** A memory field of /proc/<pid>/status ("VmRSS", "RssAnon", "RssFile"), in MB (10^6 bytes). */
+  memoryMB(field = "VmRSS"): number {
+    return statusMB(this.pid, field);
   }
 
   /** A full GC in the process (through the inspector), then its process.memoryUsage() once RSS has settled. */
@@ -167,4 +160,10 @@ function checkHealth(client: grpc.Client): Promise<string> {
       },
     ),
   );
+}
+
+/** A memory field of /proc/<pid>/status ("VmRSS", ...), given in kB there, in MB (10^6 bytes). */
+export function statusMB(pid: number, field: string): number {
+  const status = fs.readFileSync(`/proc/${pid}/status`, "utf8");
+  return (Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)?.[1]) * 1024) / 1e6;
 }
