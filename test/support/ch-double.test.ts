@@ -268,6 +268,18 @@ describe("wire bytes (§1)", () => {
     expect(order).toEqual(["slow", "fast"]);
   });
 
+  test("replyDelayMs answers each request that long after its turn, still one at a time in order", async () => {
+    await start({ replyDelayMs: 60 });
+    const started = performance.now();
+    const order: string[] = [];
+    const first = call(socketPath, "GET", "vmm.ping").then(() => order.push("ping"));
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    const second = call(socketPath, "GET", "vm.info").then(() => order.push("info"));
+    await Promise.all([first, second]);
+    expect(order).toEqual(["ping", "info"]);
+    expect(performance.now() - started).toBeGreaterThanOrEqual(115);
+  });
+
   test("the 11th connection gets micro_http's raw 503 and is closed", async () => {
     const release = await (await start()).occupyAllConnections();
     try {

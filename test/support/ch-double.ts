@@ -50,6 +50,8 @@ export interface ChDoubleOptions {
   sysfsRoot?: string;
   /** `--platform num_pci_segments`; default 1. */
   pciSegments?: number;
+  /** Every request is answered this long after its turn comes (a busy VMM); later requests wait too. */
+  replyDelayMs?: number;
 }
 
 interface Reply {
@@ -381,6 +383,7 @@ export class ChDouble {
       return;
     }
     if (fault?.kind === "delay") await sleep(fault.ms, undefined, { signal: aborted }).catch(() => undefined);
+    if (this.options.replyDelayMs) await sleep(this.options.replyDelayMs, undefined, { signal: aborted }).catch(() => undefined);
     if (fault?.kind === "state-first") this.setState(fault.state);
     if (aborted.aborted) return;
     const reply = this.route(request);

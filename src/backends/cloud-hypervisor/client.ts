@@ -151,8 +151,13 @@ const IDLE_POOL_MS = 60_000;
 const RETRY_FIRST_MS = 20;
 const RETRY_MAX_MS = 500;
 
-/** A signal that never aborts: shared reads are bounded by vfiod's own limit only. */
-const NEVER = new AbortController().signal;
+/**
+ * A signal that never aborts: shared reads are bounded by vfiod's own limit only.
+ * A new one per read: Node 20's AbortSignal.any() keeps a reference to every
+ * signal it made in each source signal for as long as the source lives, so one
+ * long-lived source would grow by one entry per read, forever.
+ */
+const neverAborts = () => new AbortController().signal;
 
 interface SocketState {
   readonly pool: Pool;
@@ -204,7 +209,7 @@ export class CloudHypervisorSockets {
    * runs on vfiod's bound alone: a caller that gives up leaves it to the others.
    */
   sharedInfo(socketPath: string, signal: AbortSignal, what: string, read: (unbounded: AbortSignal) => Promise<ChVmInfo>): Promise<ChVmInfo> {
-    return this.infoReads.read(socketPath, signal, what, () => read(NEVER));
+    return this.infoReads.read(socketPath, signal, what, () => read(neverAborts()));
   }
 
   /**
