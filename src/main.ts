@@ -49,7 +49,8 @@ async function serve(config: Config, log: Logger): Promise<void> {
     const { port: metricsPort } = await metrics.listen(config.metricsListen);
     log.info({ metricsListen: config.metricsListen, port: metricsPort }, "metrics serving on /metrics");
   }
-  vfiod.holders.canSeeOthers();
+  // Reads every process's open files once, so the first Attach's scan reads only what changed.
+  if (vfiod.holders.canSeeOthers()) vfiod.holders.index(AbortSignal.timeout(60_000)).catch(() => undefined);
   const credentials = serverCredentials(config);
   const bind = promisify(server.bindAsync.bind(server));
   const port = config.listen === undefined ? undefined : await bind(config.listen, credentials);

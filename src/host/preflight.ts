@@ -2,7 +2,7 @@
 // VFIO driver, and its IOMMU group is viable. Read-only sysfs under a root
 // prefix (tests use a fake tree). Facts: ../shared/reference/host-vfio-sysfs.md
 // §1, §3, §5, §6.
-import fs from "node:fs/promises";
+import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { VfiodError } from "../errors";
@@ -73,11 +73,11 @@ export class HostPreflight {
   async check(device: PciAddress): Promise<IommuGroup> {
     const dir = path.join(pciDevicesDir(this.sysfsRoot), device.bdf);
     const meta = { device: device.bdf };
-    const stat = await fs.stat(dir).catch(() => undefined);
+    const stat = fs.statSync(dir, { throwIfNoEntry: false });
     if (stat === undefined || !stat.isDirectory()) {
       throw new VfiodError("DEVICE_NOT_FOUND", `host PCI device ${device.bdf} does not exist`, { meta });
     }
-    const self = await readFunction(this.sysfsRoot, device.bdf);
+    const self = readFunction(this.sysfsRoot, device.bdf);
     if (self.driver === undefined || !isVfioDriver(self.driver)) {
       const current = self.driver === undefined ? "is bound to no driver" : `is bound to ${self.driver}`;
       throw new VfiodError(
@@ -86,7 +86,7 @@ export class HostPreflight {
         { meta: { ...meta, driver: self.driver ?? "" } },
       );
     }
-    const group = await readLinkName(path.join(dir, "iommu_group"));
+    const group = readLinkName(path.join(dir, "iommu_group"));
     if (group === undefined) {
       throw new VfiodError(
         "IOMMU_GROUP_NOT_VIABLE",
@@ -98,8 +98,8 @@ export class HostPreflight {
     }
     const offenders: HostFunction[] = [];
     const members: HostFunction[] = [];
-    for (const member of await groupMembers(this.sysfsRoot, group)) {
-      const fn = member === device.bdf ? self : await readFunction(this.sysfsRoot, member);
+    for (const member of groupMembers(this.sysfsRoot, group)) {
+      const fn = member === device.bdf ? self : readFunction(this.sysfsRoot, member);
       members.push(fn);
       if (member !== device.bdf && !keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
     }

@@ -1,6 +1,8 @@
 // Reading a PCI function from sysfs under a root prefix ("/" on a real host, a fake
-// tree in tests; ../shared/reference/host-vfio-sysfs.md §1). Read-only.
-import fs from "node:fs/promises";
+// tree in tests; ../shared/reference/host-vfio-sysfs.md §1). Read-only, and
+// synchronous: these attributes are kernel memory, a syscall each, where an async
+// read would cost a thread-pool round trip on every Attach.
+import fs from "node:fs";
 import path from "node:path";
 
 /** One PCI function as sysfs shows it. */
@@ -28,57 +30,59 @@ export function pciDevicesDir(root: string): string {
 }
 
 /** The last path element a symlink points to, or undefined when there is no link. */
-export async function readLinkName(link: string): Promise<string | undefined> {
+export function readLinkName(link: string): string | undefined {
   try {
-    return path.basename(await fs.readlink(link));
+    return path.basename(fs.readlinkSync(link));
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
     throw err;
   }
 }
 
-async function readText(file: string): Promise<string | undefined> {
+function readText(file: string): string | undefined {
   try {
-    return (await fs.readFile(file, "utf8")).trim();
+    return fs.readFileSync(file, "utf8").trim();
   } catch {
     return undefined;
   }
 }
 
 /** A "0x10de\n"-style sysfs number. */
-async function readHex(file: string): Promise<number | undefined> {
-  const text = await readText(file);
+function readHex(file: string): number | undefined {
+  const text = readText(file);
   const value = text === undefined ? Number.NaN : Number.parseInt(text, 16);
   return Number.isNaN(value) ? undefined : value;
 }
 
-export async function readFunction(root: string, bdf: string): Promise<HostFunction> {
+export function readFunction(root: string, bdf: string): HostFunction {
   const dir = path.join(pciDevicesDir(root), bdf);
-  return { bdf, driver: await readLinkName(path.join(dir, "driver")), pciClass: await readHex(path.join(dir, "class")) };
+  return { bdf, driver: readLinkName(path.join(dir, "driver")), pciClass: readHex(path.join(dir, "class")) };
 }
 
-export async function readFunctionDetails(root: string, bdf: string): Promise<HostFunctionDetails> {
+export function readFunctionDetails(root: string, bdf: string): HostFunctionDetails {
   const dir = path.join(pciDevicesDir(root), bdf);
   const hex4 = (value: number | undefined) => (value === undefined ? "" : value.toString(16).padStart(4, "0"));
-  const [fn, vendor, device, group, numa] = await Promise.all([
-    readFunction(root, bdf),
-    readHex(path.join(dir, "vendor")),
-    readHex(path.join(dir, "device")),
-    readLinkName(path.join(dir, "iommu_group")),
-    readText(path.join(dir, "numa_node")),
-  ]);
+  const fn = readFunction(root, bdf);
+  const vendor = readHex(path.join(dir, "vendor"));
+  const device = readHex(path.join(dir, "device"));
+  const group = readLinkName(path.join(dir, "iommu_group"));
+  const numa = readText(path.join(dir, "numa_node"));
   const numaNode = numa === undefined || !/^-?\d+$/.test(numa) ? -1 : Number(numa);
   return { ...fn, vendor: hex4(vendor), device: hex4(device), group, numaNode };
 }
 
 /** Every PCI function the host has, by BDF. */
-export async function listFunctions(root: string): Promise<string[]> {
-  return (await fs.readdir(pciDevicesDir(root)).catch(() => [] as string[])).sort();
+export function listFunctions(root: string): string[] {
+  try {
+    return fs.readdirSync(pciDevicesDir(root)).sort();
+  } catch {
+    return [];
+  }
 }
 
 /** The BDFs of an IOMMU group. */
-export async function groupMembers(root: string, group: string): Promise<string[]> {
-  return (await fs.readdir(path.join(root, "sys/kernel/iommu_groups", group, "devices"))).sort();
+export function groupMembers(root: string, group: string): string[] {
+  return fs.readdirSync(path.join(root, "sys/kernel/iommu_groups", group, "devices")).sort();
 }
 
 /**

@@ -4,8 +4,13 @@
 // A legacy group node has one opener at a time, and a VMM keeps it open for as long
 // as it holds a device of the group, a pending removal included.
 //
-// Scanning /proc costs one readdir per process and one readlink per open file, with
-// no hypervisor asked; concurrent callers share a scan begun after they asked.
+// A scan costs one stat per process: the kernel reports how many files a process
+// has open as the size of /proc/<pid>/fd (Linux 6.2+), and only a process whose count
+// changed since the last scan has its open files read again (a readlink each). No
+// hypervisor is asked, and concurrent callers share a scan begun after they asked.
+// A process that swapped one open file for a group node between two scans, keeping
+// its count, is missed until its count changes: the kernel still refuses the second
+// opener (EBUSY), which the hypervisor reports and vfiod answers as DEVICE_IN_USE.
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
@@ -13,6 +18,7 @@ import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { FreshReads } from "../fresh-reads";
 import type { Logger } from "../log";
 import type { PciAddress } from "../pci/address";
+import { pciDevicesDir, readLinkName } from "./sysfs";
 
 /** A process holding a VFIO node open. */
 export interface HolderProcess {
@@ -36,6 +42,8 @@ const PIDS_PER_TURN = 32;
 
 export class VfioHolders {
   private readonly scans = new FreshReads<Map<string, number[]>>();
+  /** What the last scan found in each process: its open-file count, and the VFIO nodes among them. */
+  private readonly seen = new Map<string, { readonly count: number; readonly nodes: readonly string[] }>();
   private readonly hostRoot: string;
   private readable: boolean | undefined;
 
@@ -76,13 +84,15 @@ export class VfioHolders {
   }
 
   /** The group node and device cdev of `device`, from sysfs. */
-  async nodesOf(device: PciAddress): Promise<VfioNodes> {
-    const dir = path.join(this.hostRoot, "sys/bus/pci/devices", device.bdf);
-    const group = await fsp.readlink(path.join(dir, "iommu_group")).then(
-      (link) => path.basename(link),
-      () => undefined,
-    );
-    const cdevs = await fsp.readdir(path.join(dir, "vfio-dev")).catch(() => [] as string[]);
+  nodesOf(device: PciAddress): VfioNodes {
+    const dir = path.join(pciDevicesDir(this.hostRoot), device.bdf);
+    const group = readLinkName(path.join(dir, "iommu_group"));
+    let cdevs: string[] = [];
+    try {
+      cdevs = fs.readdirSync(path.join(dir, "vfio-dev"));
+    } catch {
+      // not bound to a VFIO driver, or a kernel without device cdevs
+    }
     return {
       group,
       nodes: [...(group === undefined ? [] : [`/dev/vfio/${group}`]), ...cdevs.map((name) => `/dev/vfio/devices/${name}`)],
@@ -120,36 +130,50 @@ export class VfioHolders {
     } catch {
       return index;
     }
-    // Synchronous reads in small batches: an async readlink per open file costs a
-    // thread-pool round trip each, tens of times the syscall.
+    const alive = new Set(pids);
+    for (const pid of this.seen.keys()) if (!alive.has(pid)) this.seen.delete(pid);
+    // Synchronous reads in small batches: an async stat or readlink costs a thread-pool
+    // round trip each, tens of times the syscall.
     for (let at = 0; at < pids.length; at += PIDS_PER_TURN) {
-      for (const pid of pids.slice(at, at + PIDS_PER_TURN)) this.scanProcess(pid, index);
+      for (const pid of pids.slice(at, at + PIDS_PER_TURN)) {
+        for (const node of this.nodesHeldBy(pid)) index.set(node, [...(index.get(node) ?? []), Number(pid)]);
+      }
       await yieldToLoop();
     }
     return index;
   }
 
-  private scanProcess(pid: string, index: Map<string, number[]>): void {
+  /** The VFIO nodes process `pid` has open: read again only when its open-file count changed. */
+  private nodesHeldBy(pid: string): readonly string[] {
     const fdDir = path.join(this.procRoot, pid, "fd");
+    let count: number;
+    try {
+      count = fs.statSync(fdDir).size;
+    } catch {
+      this.seen.delete(pid);
+      return []; // exited, or not ours to read
+    }
+    const last = this.seen.get(pid);
+    // A count of 0 is what kernels before 6.2 report for every process: no shortcut there.
+    if (last !== undefined && count !== 0 && last.count === count) return last.nodes;
+    const nodes = new Set<string>();
     let fds: string[];
     try {
       fds = fs.readdirSync(fdDir);
     } catch {
-      return; // exited, or not ours to read
+      return [];
     }
     for (const fd of fds) {
-      let target: string;
       try {
-        target = fs.readlinkSync(path.join(fdDir, fd));
+        const node = this.canonicalNode(fs.readlinkSync(path.join(fdDir, fd)));
+        if (node !== undefined) nodes.add(node);
       } catch {
-        continue;
+        // closed meanwhile
       }
-      const node = this.canonicalNode(target);
-      if (node === undefined) continue;
-      const holders = index.get(node) ?? [];
-      if (!holders.includes(Number(pid))) holders.push(Number(pid));
-      index.set(node, holders);
     }
+    const found = [...nodes];
+    this.seen.set(pid, { count, nodes: found });
+    return found;
   }
 
   /** "/dev/vfio/12" for an open file that is that node (under the host root too), else undefined. */

@@ -2,7 +2,7 @@
 // when they change so a VM created after start is found without a restart.
 // Change is seen by stat (ino, size, mtime) on every call rather than fs.watch:
 // cocoon replaces its index by rename, which a watch on the old inode misses.
-import type { Stats } from "node:fs";
+import fs, { type Stats } from "node:fs";
 import fsp from "node:fs/promises";
 import { isVfiodError, VfiodError } from "../errors";
 import type { Logger } from "../log";
@@ -75,7 +75,8 @@ class WatchedFile<T> {
   private async refresh(): Promise<FileState<T>> {
     let stat: Stats;
     try {
-      stat = await fsp.stat(this.path);
+      // Every call looks: a synchronous stat is a syscall, an async one a thread-pool round trip.
+      stat = fs.statSync(this.path);
     } catch (err) {
       const code = errnoOf(err);
       if (code === "ENOENT") return this.settle(undefined, NO_FILE);
@@ -224,7 +225,7 @@ export class Inventory {
   private async metaDbExists(): Promise<boolean> {
     if (this.metaDb === undefined) return false;
     try {
-      await fsp.stat(this.metaDb);
+      fs.statSync(this.metaDb);
     } catch {
       return false;
     }

@@ -85,7 +85,7 @@ export class InventoryQueries {
   /** The host's PCI endpoints (or those on a VFIO driver), each with readiness and holder. */
   async listHostDevices(request: { vfioOnly: boolean }, call: Call): Promise<HostDeviceSummary[]> {
     const { sysfsRoot } = this.deps;
-    const functions = await Promise.all((await listFunctions(sysfsRoot)).map((bdf) => readFunctionDetails(sysfsRoot, bdf)));
+    const functions = listFunctions(sysfsRoot).map((bdf) => readFunctionDetails(sysfsRoot, bdf));
     const shown = functions.filter(
       (fn) => isEndpoint(fn) && (!request.vfioOnly || (fn.driver !== undefined && isVfioDriver(fn.driver))),
     );
@@ -101,7 +101,7 @@ export class InventoryQueries {
     records: readonly VmRecord[],
   ): Promise<HostDeviceSummary> {
     const address = addressOfBdf(fn.bdf);
-    const members = fn.group === undefined ? [] : (await groupMembers(this.deps.sysfsRoot, fn.group)).filter((b) => b !== fn.bdf);
+    const members = fn.group === undefined ? [] : groupMembers(this.deps.sysfsRoot, fn.group).filter((b) => b !== fn.bdf);
     const { nodes } = await this.deps.holders.nodesOf(address);
     const pid = nodes.flatMap((node) => index.get(node) ?? [])[0];
     const process = pid === undefined ? undefined : this.deps.heldElsewhere.identify(await this.deps.holders.process(pid), records);

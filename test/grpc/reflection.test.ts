@@ -95,7 +95,7 @@ describe("buf curl lists through reflection alone", () => {
 
   test.each([
     [HEALTH, ["Check", "List", "Watch"]],
-    [DEVICE_SERVICE, ["Attach", "Detach", "List"]],
+    [DEVICE_SERVICE, ["Attach", "Detach", "List", "Watch"]],
   ])("--list-methods resolves %s and lists %j", async (service, methods) => {
     const { exitCode, stdout, stderr } = await bufCurl(["--list-methods", `http://${server.address}`]);
     expect({ exitCode, stderr }).toEqual({ exitCode: 0, stderr: "" });
@@ -126,9 +126,17 @@ describe.each(["v1", "v1alpha"] as const)("reflection %s descriptors", (version)
     expect([...files.keys()]).toEqual(expect.arrayContaining(["grpc/health/v1/health.proto", "vfiod/v1/device.proto"]));
     for (const file of files.values()) expect({ file: file.name, stray: strayMapEntries(file) }).toEqual({ file: file.name, stray: [] });
 
-    const registry = createFileRegistry(create(FileDescriptorSetSchema, { file: [...files.values()] }));
+    // A FileDescriptorSet lists each file after its imports, as protoc writes one.
+    const ordered: FileDescriptorProto[] = [];
+    const visit = (file: FileDescriptorProto | undefined) => {
+      if (file === undefined || ordered.includes(file)) return;
+      file.dependency.forEach((name) => visit(files.get(name)));
+      ordered.push(file);
+    };
+    files.forEach(visit);
+    const registry = createFileRegistry(create(FileDescriptorSetSchema, { file: ordered }));
     expect(registry.getService(HEALTH)).toBeDefined();
-    expect(registry.getService(DEVICE_SERVICE)?.methods.map((m) => m.name)).toEqual(["Attach", "Detach", "List"]);
+    expect(registry.getService(DEVICE_SERVICE)?.methods.map((m) => m.name)).toEqual(["Attach", "Detach", "List", "Watch"]);
   });
 });
 

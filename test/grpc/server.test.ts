@@ -68,7 +68,7 @@ describe.each(["v1", "v1alpha"] as const)("server reflection %s", (version) => {
       for (const file of files) for (const dependency of file.dependency) expect(names).toContain(dependency);
       if (symbol === "vfiod.v1.DeviceService") {
         const device = files.find((f) => f.name === "vfiod/v1/device.proto");
-        expect(device?.service[0]?.method.map((m) => m.name)).toEqual(["Attach", "Detach", "List"]);
+        expect(device?.service[0]?.method.map((m) => m.name)).toEqual(["Attach", "Detach", "List", "Watch"]);
       }
     }
   });
