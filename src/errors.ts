@@ -51,7 +51,11 @@ export type Reason =
   | "DEVICE_NOT_ALLOWED"
   | "CLIENT_NOT_ALLOWED"
   | "VM_BUSY"
-  | "HYPERVISOR_ERROR";
+  | "HYPERVISOR_ERROR"
+  // Managed binding (AttachRequest.managed): asked for without --manage-binding;
+  // the host is using the device (mounted, swap, holder, interface up, boot VGA, open).
+  | "BINDING_DISABLED"
+  | "DEVICE_BUSY_ON_HOST";
 
 /** The code a reason gets unless the thrower says otherwise (HYPERVISOR_* have two). */
 const DEFAULT_CODE: Record<Reason, Code> = {
@@ -75,6 +79,8 @@ const DEFAULT_CODE: Record<Reason, Code> = {
   CLIENT_NOT_ALLOWED: Code.PERMISSION_DENIED,
   VM_BUSY: Code.ABORTED,
   HYPERVISOR_ERROR: Code.FAILED_PRECONDITION,
+  BINDING_DISABLED: Code.FAILED_PRECONDITION,
+  DEVICE_BUSY_ON_HOST: Code.FAILED_PRECONDITION,
 };
 
 export interface VfiodErrorOptions {
