@@ -6,6 +6,8 @@
 //
 // Scanning /proc costs one readdir per process and one readlink per open file, with
 // no hypervisor asked; concurrent callers share a scan begun after they asked.
+// The same scan finds who holds other device nodes open (openers(): a disk's
+// /dev/nvme0n1, a GPU's /dev/dri/card0), for managed binding's host-use check.
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
@@ -102,6 +104,20 @@ export class VfioHolders {
     return this.scans.read("proc", signal, "scanning /proc for open VFIO nodes", () => this.scan());
   }
 
+  /**
+   * The processes holding any of `nodes` (canonical paths such as "/dev/nvme0n1")
+   * open, by node, from a scan of its own begun now.
+   */
+  async openers(nodes: readonly string[], signal: AbortSignal): Promise<Map<string, HolderProcess[]>> {
+    const wanted = new Set(nodes);
+    const found = new Map<string, HolderProcess[]>();
+    if (wanted.size === 0) return found;
+    signal.throwIfAborted();
+    const index = await this.scan((node) => wanted.has(node));
+    for (const [node, pids] of index) found.set(node, await Promise.all(pids.map((pid) => this.process(pid))));
+    return found;
+  }
+
   /** What /proc says of one process ("?" for a command that cannot be read). */
   async process(pid: number): Promise<HolderProcess> {
     const dir = path.join(this.procRoot, String(pid));
@@ -112,7 +128,7 @@ export class VfioHolders {
     return { pid, command: comm.trim(), args: cmdline.split("\0").filter((arg) => arg !== "") };
   }
 
-  private async scan(): Promise<Map<string, number[]>> {
+  private async scan(wanted: (node: string) => boolean = isVfioNode): Promise<Map<string, number[]>> {
     const index = new Map<string, number[]>();
     let pids: string[];
     try {
@@ -123,13 +139,13 @@ export class VfioHolders {
     // Synchronous reads in small batches: an async readlink per open file costs a
     // thread-pool round trip each, tens of times the syscall.
     for (let at = 0; at < pids.length; at += PIDS_PER_TURN) {
-      for (const pid of pids.slice(at, at + PIDS_PER_TURN)) this.scanProcess(pid, index);
+      for (const pid of pids.slice(at, at + PIDS_PER_TURN)) this.scanProcess(pid, index, wanted);
       await yieldToLoop();
     }
     return index;
   }
 
-  private scanProcess(pid: string, index: Map<string, number[]>): void {
+  private scanProcess(pid: string, index: Map<string, number[]>, wanted: (node: string) => boolean): void {
     const fdDir = path.join(this.procRoot, pid, "fd");
     let fds: string[];
     try {
@@ -145,17 +161,19 @@ export class VfioHolders {
         continue;
       }
       const node = this.canonicalNode(target);
-      if (node === undefined) continue;
+      if (!wanted(node)) continue;
       const holders = index.get(node) ?? [];
       if (!holders.includes(Number(pid))) holders.push(Number(pid));
       index.set(node, holders);
     }
   }
 
-  /** "/dev/vfio/12" for an open file that is that node (under the host root too), else undefined. */
-  private canonicalNode(target: string): string | undefined {
-    let node = target;
-    if (this.hostRoot !== "/" && target.startsWith(`${this.hostRoot}/`)) node = target.slice(this.hostRoot.length);
-    return /^\/dev\/vfio\/(?:[0-9]+|devices\/vfio[0-9]+)$/.test(node) ? node : undefined;
+  /** The host path an open file is: "/dev/vfio/12" for that node, also for the file standing in for it under the host root. */
+  private canonicalNode(target: string): string {
+    return this.hostRoot !== "/" && target.startsWith(`${this.hostRoot}/`) ? target.slice(this.hostRoot.length) : target;
   }
+}
+
+function isVfioNode(node: string): boolean {
+  return /^\/dev\/vfio\/(?:[0-9]+|devices\/vfio[0-9]+)$/.test(node);
 }
