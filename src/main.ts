@@ -7,6 +7,7 @@ import { AuditLog } from "./audit";
 import { parseConfig, UsageError, type Config } from "./config";
 import { createLogger, type Logger } from "./log";
 import { Metrics } from "./metrics";
+import { warnUnmanaged } from "./service/managed-binding";
 import { bindPrivately, groupId } from "./unix-socket";
 import { assembleVfiod } from "./vfiod";
 
@@ -36,6 +37,7 @@ async function serve(config: Config, log: Logger): Promise<void> {
     hypervisorTimeoutMs: config.hypervisorTimeoutMs,
     refreshIntervalMs: config.refreshIntervalMs,
     allowList: config.allowDevices,
+    binding: config.manageBinding ? { stateDir: config.stateDir } : undefined,
     server: {
       allowedClients: config.allowClients,
       audit: config.auditLog === undefined ? undefined : AuditLog.open(config.auditLog),
@@ -48,6 +50,9 @@ async function serve(config: Config, log: Logger): Promise<void> {
     log.info({ metricsListen: config.metricsListen, port: metricsPort }, "metrics serving on /metrics");
   }
   vfiod.holders.canSeeOthers();
+  // Before any call is served: what an earlier vfiod left half-done in --state-dir.
+  if (vfiod.binding !== undefined) await vfiod.binding.repair();
+  else await warnUnmanaged(config.stateDir, log);
   const credentials = serverCredentials(config);
   const bind = promisify(server.bindAsync.bind(server));
   const port = config.listen === undefined ? undefined : await bind(config.listen, credentials);
@@ -58,6 +63,7 @@ async function serve(config: Config, log: Logger): Promise<void> {
     });
   }
   vfiod.refresher.start();
+  vfiod.binding?.start();
   vfiod.server.markServing();
   log.info({ listen: config.listen ?? "none", port, socket: config.socket, tls: config.tlsCert !== undefined }, "vfiod serving");
 
@@ -67,6 +73,7 @@ async function serve(config: Config, log: Logger): Promise<void> {
     draining = true;
     log.info({ signal }, "draining: no new calls, finishing in-flight ones");
     vfiod.refresher.stop();
+    vfiod.binding?.stop();
     vfiod.server.markNotServing();
     const force = setTimeout(() => {
       log.warn({ afterMs: DRAIN_TIMEOUT_MS }, "drain timed out; cancelling remaining calls");
