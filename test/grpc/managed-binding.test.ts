@@ -14,6 +14,7 @@ import { ChDouble } from "../support/ch-double";
 import { FakeKernel, RecordingWriter } from "../support/fake-kernel";
 import { addInterface } from "../support/fake-host";
 import { buildFakeSysfs, type FakeFunction, type FakeSysfs } from "../support/fake-sysfs";
+import { capturingLogger } from "../support/log-capture";
 import { failure, startTestServer, type TestServer } from "../support/test-server";
 import { waitFor } from "../support/wait";
 
@@ -79,7 +80,7 @@ class StateCheckingWriter extends RecordingWriter {
   }
 }
 
-async function startServer(options: { loaded?: string[] } = {}): Promise<void> {
+async function startServer(options: { loaded?: string[]; log?: ReturnType<typeof capturingLogger>["log"] } = {}): Promise<void> {
   kernel = new FakeKernel(sysfs, FUNCTIONS, { loaded: options.loaded ?? ["vfio-pci", "mlx5_vfio_pci"] });
   writer = new StateCheckingWriter(kernel);
   const inventoryFile = path.join(dir, "inventory.json");
@@ -99,6 +100,7 @@ async function startServer(options: { loaded?: string[] } = {}): Promise<void> {
     detachTimeoutMs: 500,
     allowList: DeviceAllowList.parse(ALLOWED, sysfs.root),
     binding: { stateDir, writer, pollMs: 50 },
+    log: options.log,
   });
   changes = [];
   server.vfiod.view.subscribe((change) => changes.push(change));
@@ -363,4 +365,58 @@ test("without --manage-binding, managed is BINDING_DISABLED: nothing written, th
   expect(kernel.override(NIC)).toBeUndefined();
   expect(adds(ch)).toEqual([]);
   expect(fs.existsSync(stateDir) ? stateFiles() : []).toEqual([]);
+});
+
+describe("a restart with records in --state-dir", () => {
+  test("attached before the restart, let go while vfiod was down: restored once the VM says it no longer holds it", async () => {
+    await startServer();
+    await server.client.attach({ vm: "ch-vm", pci: NIC, id: "nic0", managed: true });
+    await server.stop();
+    // Another vfiod, without --manage-binding, detaches it: the VM lets go, no one restores the driver.
+    const plain = await startTestServer({ inventoryFile: path.join(dir, "inventory.json"), sysfsRoot: sysfs.root });
+    await plain.client.detach({ vm: "ch-vm", id: "nic0" });
+    await plain.stop();
+    expect(kernel.driverOf(NIC)).toBe("vfio-pci");
+
+    const { log, lines } = capturingLogger("info");
+    await startServer({ log });
+    expect(lines.find((l) => l.msg.startsWith("managed binding: repair"))).toMatchObject({
+      device: NIC,
+      phase: "attached",
+      msg: "managed binding: repair: attached before the restart and held by no process; restored once its VM says it let go",
+    });
+    await waitFor(() => kernel.driverOf(NIC) === "e1000e" && stateFiles().length === 0, "e1000e restored by the background look", 5000);
+    expect(writer.writes).toEqual(restoreWrites(NIC));
+  });
+
+  test("attached before the restart and still attached: kept (the VM says it holds it), restored by its Detach", async () => {
+    await startServer();
+    await server.client.attach({ vm: "ch-vm", pci: NIC, id: "nic0", managed: true });
+    await server.stop();
+    await startServer();
+    // Several background looks: the VM still holds it.
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    expect(writer.writes).toEqual([]);
+    expect(kernel.driverOf(NIC)).toBe("vfio-pci");
+    await server.client.detach({ vm: "ch-vm", id: "nic0" });
+    expect(writer.writes).toEqual(restoreWrites(NIC));
+    expect(kernel.driverOf(NIC)).toBe("e1000e");
+  });
+
+  test("a file that is no state record is left alone and reported; a device gone from the host is forgotten", async () => {
+    fs.mkdirSync(stateDir, { recursive: true });
+    fs.writeFileSync(path.join(stateDir, "notes.txt"), "keep me");
+    fs.writeFileSync(path.join(stateDir, "0000:02:00.0.json"), "{ torn");
+    const gone = { version: 1, bdf: "0000:09:00.0", driver: "ixgbe", boundTo: "vfio-pci", vm: { id: "x", name: "x", source: "inventory", hypervisor: "qemu", socket: "/x" }, id: "d", phase: "binding", since: "" };
+    fs.writeFileSync(path.join(stateDir, "0000:09:00.0.json"), JSON.stringify(gone));
+    const { log, lines } = capturingLogger("info");
+    await startServer({ log });
+    expect(stateFiles()).toEqual(["0000:02:00.0.json", "notes.txt"]);
+    expect(lines.filter((l) => l.msg === "managed binding: a file in --state-dir is not a state record; left alone").map((l) => path.basename(String(l.file)))).toEqual([
+      "0000:02:00.0.json",
+      "notes.txt",
+    ]);
+    expect(lines.find((l) => l.msg === "managed binding: a recorded device is gone from the host; record forgotten")).toMatchObject({ device: "0000:09:00.0" });
+    expect(writer.writes).toEqual([]);
+  });
 });
