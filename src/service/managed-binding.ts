@@ -390,9 +390,10 @@ export class ManagedBinding {
     let now: string | undefined;
     if (record.driver !== null) {
       await this.write("/sys/bus/pci/drivers_probe", bdf, bdf);
+      // Some drivers probe asynchronously: wait, bounded, for one to claim it.
       for (;;) {
         now = await this.driverOf(bdf);
-        if (now !== undefined || Date.now() - started > (this.deps.bindWaitMs ?? REBIND_WAIT_MS)) break;
+        if ((now !== undefined && now !== current) || Date.now() - started > (this.deps.bindWaitMs ?? REBIND_WAIT_MS)) break;
         await sleep(POLL_MS);
       }
     }
