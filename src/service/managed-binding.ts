@@ -345,12 +345,15 @@ export class ManagedBinding {
    * @param closeWaitMs how long a process that just let go may take to close the group node.
    */
   private async settle(record: BindingRecord, log: Logger, why: string, closeWaitMs = CLOSE_WAIT_MS): Promise<string> {
+    const started = Date.now();
     const holder = await this.holderAfter(record, closeWaitMs);
     if (holder !== undefined) {
       await this.markReleasing(record);
+      log.info({ device: record.bdf, heldBy: holder, why }, "managed binding: still held; restored once released");
       return `${record.bdf} kept on ${record.boundTo} while ${holder} holds it; restored once released`;
     }
-    return this.restoreOrKeep(record, log, why);
+    // How long the hypervisor's process took to close the group after it said it let go.
+    return this.restoreOrKeep(record, log.child({ closedAfterMs: Date.now() - started }), why);
   }
 
   /** Restores now; a restore the kernel refuses is retried later. Never throws. */
