@@ -134,11 +134,15 @@ export class ManagedBinding {
     return new BindPlan(this, planned);
   }
 
-  /** Records `record` and binds its device as planned; the caller undoes on failure. */
+  /** Writes the record durably: before anything about its device changes. */
+  async record(record: BindingRecord): Promise<void> {
+    await this.save(record);
+  }
+
+  /** Binds a recorded device as planned; the caller puts it back on failure. */
   async bind(device: PlannedDevice, record: BindingRecord, vm: VmRecord, log: Logger): Promise<void> {
     const { bdf, current, target } = device;
-    await this.save(record);
-    if (target === undefined) return; // on vfio-pci already, because of vfiod: only the record changes hands
+    if (target === undefined) return; // on vfio-pci already, because of vfiod: only the record changed hands
     const dev = `/sys/bus/pci/devices/${bdf}`;
     await this.write(`${dev}/driver_override`, target.driver, bdf);
     if (current !== undefined) await this.write(`${dev}/driver/unbind`, bdf, bdf);
@@ -521,6 +525,8 @@ export class BindPlan {
         since: new Date().toISOString(),
       };
       try {
+        await this.binding.record(record);
+        // Recorded: from here on, a failure (or a crash) puts it back.
         touched.push(record);
         await this.binding.bind(device, record, vm, log);
       } catch (err) {
@@ -528,7 +534,7 @@ export class BindPlan {
         throw new VfiodError(
           "DEVICE_NOT_VFIO",
           `managed binding of host PCI device ${device.bdf} to ${record.boundTo} failed: ${(err as Error).message}; ` +
-            `put back: ${fates.join("; ")}`,
+            `put back: ${fates.length === 0 ? "nothing had changed" : fates.join("; ")}`,
           { meta: { device: device.bdf }, cause: err },
         );
       }

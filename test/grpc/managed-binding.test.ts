@@ -367,6 +367,20 @@ test("without --manage-binding, managed is BINDING_DISABLED: nothing written, th
   expect(fs.existsSync(stateDir) ? stateFiles() : []).toEqual([]);
 });
 
+test("a record that cannot be written to --state-dir refuses the attach before sysfs is touched", async () => {
+  await startServer();
+  fs.rmSync(stateDir, { recursive: true });
+  fs.writeFileSync(stateDir, "not a directory");
+  const refused = await failure(server.client.attach({ vm: "ch-vm", pci: NIC, id: "nic0", managed: true }));
+  expect(refused).toMatchObject({ code: status.FAILED_PRECONDITION, reason: "DEVICE_NOT_VFIO" });
+  expect(refused.message).toContain(`cannot record it in --state-dir ${stateDir}`);
+  expect(refused.message).toContain("put back: nothing had changed");
+  expect(writer.writes).toEqual([]);
+  expect(kernel.driverOf(NIC)).toBe("e1000e");
+  fs.rmSync(stateDir);
+  fs.mkdirSync(stateDir);
+});
+
 describe("a restart with records in --state-dir", () => {
   test("attached before the restart, let go while vfiod was down: restored once the VM says it no longer holds it", async () => {
     await startServer();
