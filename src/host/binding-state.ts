@@ -46,9 +46,16 @@ export interface UnreadableState {
 export class BindingState {
   constructor(readonly dir: string) {}
 
-  /** Creates the directory (0700) if it is missing. */
+  /**
+   * Creates the directory (0700) if it is missing, and removes the temporary files
+   * of writes a crash cut short (their rename never happened, so nothing changed
+   * after them). At start only: a running vfiod's writes have temporary files too.
+   */
   async open(): Promise<void> {
     await fs.mkdir(this.dir, { recursive: true, mode: 0o700 });
+    for (const name of await fs.readdir(this.dir)) {
+      if (name.endsWith(".tmp")) await fs.rm(path.join(this.dir, name), { force: true });
+    }
   }
 
   /** Writes `record` durably: once this resolves, a crash leaves it on disk. */
@@ -90,11 +97,7 @@ export class BindingState {
     const records: BindingRecord[] = [];
     const unreadable: UnreadableState[] = [];
     for (const name of names.sort()) {
-      if (name.endsWith(".tmp")) {
-        // A write a crash cut short: its rename never happened, so nothing was changed after it.
-        await fs.rm(path.join(this.dir, name), { force: true });
-        continue;
-      }
+      if (name.endsWith(".tmp")) continue; // a write in progress, or one a crash cut short (open() removes those)
       const read = await this.read(name);
       if ("record" in read) records.push(read.record);
       else unreadable.push({ file: path.join(this.dir, name), why: read.why });

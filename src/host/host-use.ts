@@ -27,6 +27,8 @@ import type { VfioHolders } from "./vfio-holders";
 const MAX_DIRS = 4096;
 const MAX_DEPTH = 8;
 const IFF_UP = 0x1;
+/** Directories that never hold a device node or interface, however many there are (queues, CPUs). */
+const SKIP = new Set(["power", "msi_irqs", "mq", "queue", "queues", "statistics", "trace", "integrity", "byte_queue_limits"]);
 
 interface BlockDevice {
   readonly name: string;
@@ -166,10 +168,10 @@ export class HostUseCheck {
       await this.classify(dir, tree, seenBlocks, visit, depth);
       if (depth >= MAX_DEPTH) return;
       const entries = await fs.readdir(dir, { withFileTypes: true }).catch(() => []);
-      for (const entry of entries) if (entry.isDirectory()) await visit(path.join(dir, entry.name), depth + 1);
+      for (const entry of entries) if (entry.isDirectory() && !SKIP.has(entry.name)) await visit(path.join(dir, entry.name), depth + 1);
     };
     const entries = await fs.readdir(deviceDir, { withFileTypes: true }).catch(() => []);
-    for (const entry of entries) if (entry.isDirectory()) await visit(path.join(deviceDir, entry.name), 1);
+    for (const entry of entries) if (entry.isDirectory() && !SKIP.has(entry.name)) await visit(path.join(deviceDir, entry.name), 1);
     return tree;
   }
 

@@ -98,6 +98,8 @@ export class ManagedBinding {
   private readonly retries = new Map<string, { failures: number; at: number }>();
   /** Records whose VM could not be asked, said once each. */
   private readonly unanswered = new Set<string>();
+  /** Devices a VM let go while their group was busy: marked "releasing" by the next sweep. */
+  private readonly toMark = new Map<string, VmRecord>();
   private sweeping: Promise<void> | undefined;
 
   constructor(private readonly deps: ManagedBindingDeps) {}
@@ -188,17 +190,19 @@ export class ManagedBinding {
    */
   async released(vm: VmRecord, devices: readonly AttachedDevice[], log: Logger): Promise<void> {
     for (const device of devices) {
-      const record = await this.recordFor(vm, device.bdf, device.id);
-      if (record === undefined) continue;
-      const group = await this.groupOf(record.bdf);
-      const busy = () => new Error("busy");
       try {
-        await this.deps.locks.run(groupLockKey(group), AbortSignal.timeout(CLOSE_WAIT_MS), busy, () =>
-          this.settle(record, log, "its VM released it"),
-        );
-      } catch {
+        const record = await this.recordFor(vm, device.bdf, device.id);
+        if (record === undefined) continue;
+        const settled = await this.underGroupLock(record.bdf, CLOSE_WAIT_MS, async () => {
+          // Read again under the lock: a background look may have restored it meanwhile.
+          const now = await this.deps.state.get(record.bdf);
+          if (now !== undefined && sameVm(now.vm, vm)) await this.settle(now, log, "its VM released it");
+          return true;
+        });
         // An Attach of its group holds the lock: the background look restores it once that is done.
-        await this.markReleasing(record);
+        if (settled === false) this.markLater(record.bdf, vm);
+      } catch (err) {
+        log.error({ err, device: device.bdf }, "managed binding: cannot restore a released device now; its record stays for the next start");
       }
     }
   }
@@ -207,7 +211,12 @@ export class ManagedBinding {
   async pending(vm: VmRecord, err: VfiodError): Promise<VfiodError> {
     const record = await this.recordFor(vm, err.meta.device ?? "", err.meta.id ?? "");
     if (record === undefined) return err;
-    await this.markReleasing(record);
+    const marked = await this.underGroupLock(record.bdf, CLOSE_WAIT_MS, async () => {
+      await this.markReleasing(record);
+      return true;
+    });
+    if (marked === false) this.markLater(record.bdf, vm);
+    else this.kick();
     const driver = record.driver === null ? "left unbound, as it was" : `given back to ${record.driver}`;
     return new VfiodError(
       err.reason,
@@ -287,13 +296,45 @@ export class ManagedBinding {
   }
 
   private async observedRelease(vm: VmRecord, bdf: string): Promise<void> {
-    const record = await this.deps.state.get(bdf);
-    if (record === undefined || record.phase !== "attached" || !sameVm(record.vm, vm)) return;
-    await this.markReleasing(record);
+    const marked = await this.underGroupLock(bdf, this.deps.perVmMs, async () => {
+      const record = await this.deps.state.get(bdf);
+      if (record === undefined || record.phase !== "attached" || !sameVm(record.vm, vm)) return false;
+      await this.markReleasing(record);
+      return true;
+    });
+    if (marked === true) this.kick();
+  }
+
+  /**
+   * Runs `fn` holding the device's IOMMU group lock (the one Attach takes), waiting
+   * at most `waitMs`: every change of a record outside an Attach goes through it.
+   * @returns what `fn` returned, or false when the lock was busy all that time.
+   */
+  private async underGroupLock<T>(bdf: string, waitMs: number, fn: () => Promise<T>): Promise<T | false> {
+    try {
+      return await this.deps.locks.run(groupLockKey(await this.groupOf(bdf)), AbortSignal.timeout(waitMs), () => new GroupBusy(), fn);
+    } catch (err) {
+      if (err instanceof GroupBusy) return false;
+      throw err;
+    }
+  }
+
+  /** Marks `bdf`'s record "releasing" at the next sweep, under its group's lock. */
+  private markLater(bdf: string, vm: VmRecord): void {
+    this.toMark.set(bdf, vm);
     this.kick();
   }
 
   private async sweepOnce(): Promise<void> {
+    for (const [bdf, vm] of [...this.toMark]) {
+      const done = await this.underGroupLock(bdf, this.deps.perVmMs, async () => {
+        const record = await this.deps.state.get(bdf);
+        // Still that VM's (no Attach took it over meanwhile), and its attach had completed.
+        if (record !== undefined && sameVm(record.vm, vm) && record.phase !== "binding") await this.markReleasing(record);
+        return true;
+      });
+      if (done === true) this.toMark.delete(bdf);
+    }
     const { records } = await this.deps.state.list();
     const byVm = new Map<string, BindingRecord[]>();
     for (const record of records.filter((r) => r.phase === "releasing")) {
@@ -328,15 +369,13 @@ export class ManagedBinding {
       for (const record of due) {
         this.unanswered.delete(record.bdf);
         if (held.some((d) => d.bdf === record.bdf)) continue;
-        const busy = () => new Error("busy");
-        await this.deps.locks
-          .run(groupLockKey(await this.groupOf(record.bdf)), AbortSignal.timeout(perVmMs), busy, async () => {
-            const now = await this.deps.state.get(record.bdf);
-            // Another managed Attach took it over meanwhile: not this look's.
-            if (now === undefined || now.phase !== "releasing" || !sameVm(now.vm, record.vm)) return;
-            await this.settle(now, log, "its VM released it", 0);
-          })
-          .catch(() => undefined);
+        // Busy: an Attach of its group is in progress; the next look tries again.
+        await this.underGroupLock(record.bdf, perVmMs, async () => {
+          const now = await this.deps.state.get(record.bdf);
+          // Another managed Attach took it over meanwhile: not this look's.
+          if (now === undefined || now.phase !== "releasing" || !sameVm(now.vm, record.vm)) return;
+          await this.settle(now, log, "its VM released it", 0);
+        });
       }
     } finally {
       this.looking.delete(key);
@@ -578,6 +617,9 @@ export class BoundDevices {
     });
   }
 }
+
+/** Another operation holds the device's IOMMU group lock. */
+class GroupBusy extends Error {}
 
 function sameVm(a: { source: string; id: string }, b: { source: string; id: string }): boolean {
   return a.source === b.source && a.id === b.id;

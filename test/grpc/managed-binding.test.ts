@@ -80,7 +80,9 @@ class StateCheckingWriter extends RecordingWriter {
   }
 }
 
-async function startServer(options: { loaded?: string[]; log?: ReturnType<typeof capturingLogger>["log"] } = {}): Promise<void> {
+async function startServer(
+  options: { loaded?: string[]; log?: ReturnType<typeof capturingLogger>["log"]; refreshIntervalMs?: number } = {},
+): Promise<void> {
   kernel = new FakeKernel(sysfs, FUNCTIONS, { loaded: options.loaded ?? ["vfio-pci", "mlx5_vfio_pci"] });
   writer = new StateCheckingWriter(kernel);
   const inventoryFile = path.join(dir, "inventory.json");
@@ -101,6 +103,7 @@ async function startServer(options: { loaded?: string[]; log?: ReturnType<typeof
     allowList: DeviceAllowList.parse(ALLOWED, sysfs.root),
     binding: { stateDir, writer, pollMs: 50 },
     log: options.log,
+    refreshIntervalMs: options.refreshIntervalMs,
   });
   changes = [];
   server.vfiod.view.subscribe((change) => changes.push(change));
@@ -381,6 +384,23 @@ test("a record that cannot be written to --state-dir refuses the attach before s
   fs.mkdirSync(stateDir);
 });
 
+test("a managed device seen leaving its VM some other way (the background refresh) gets its driver back", async () => {
+  await startServer({ refreshIntervalMs: 100 });
+  await server.client.attach({ vm: "ch-vm", pci: NIC, id: "nic0", managed: true });
+  writer.writes.length = 0;
+  // Someone else removes it (here another vfiod, without --manage-binding).
+  const other = await startTestServer({ inventoryFile: path.join(dir, "inventory.json"), sysfsRoot: sysfs.root });
+  try {
+    await other.client.detach({ vm: "ch-vm", id: "nic0" });
+  } finally {
+    await other.stop();
+  }
+  await waitFor(() => drivers(["driver_restored"]).length === 1, "the driver restored after the refresh saw the device go", 5000);
+  expect(writer.writes).toEqual(restoreWrites(NIC));
+  expect(kernel.driverOf(NIC)).toBe("e1000e");
+  expect(stateFiles()).toEqual([]);
+});
+
 describe("a restart with records in --state-dir", () => {
   test("attached before the restart, let go while vfiod was down: restored once the VM says it no longer holds it", async () => {
     await startServer();
@@ -417,8 +437,9 @@ describe("a restart with records in --state-dir", () => {
     expect(kernel.driverOf(NIC)).toBe("e1000e");
   });
 
-  test("a file that is no state record is left alone and reported; a device gone from the host is forgotten", async () => {
+  test("a file that is no state record is left alone and reported; a device gone from the host is forgotten; a torn write's temporary file removed", async () => {
     fs.mkdirSync(stateDir, { recursive: true });
+    fs.writeFileSync(path.join(stateDir, "0000:04:00.0.json.999.tmp"), '{"version":1,"bdf":"0000:04');
     fs.writeFileSync(path.join(stateDir, "notes.txt"), "keep me");
     fs.writeFileSync(path.join(stateDir, "0000:02:00.0.json"), "{ torn");
     const gone = { version: 1, bdf: "0000:09:00.0", driver: "ixgbe", boundTo: "vfio-pci", vm: { id: "x", name: "x", source: "inventory", hypervisor: "qemu", socket: "/x" }, id: "d", phase: "binding", since: "" };
