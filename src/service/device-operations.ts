@@ -15,7 +15,7 @@ import { addressOfBdf, parsePciAddress, type PciAddress } from "../pci/address";
 import type { DeviceView } from "../view/device-view";
 import type { Call } from "./call";
 import type { HeldElsewhere } from "./held-elsewhere";
-import type { BindPlan, ManagedBinding } from "./managed-binding";
+import { groupLockKey, type BindPlan, type ManagedBinding } from "./managed-binding";
 import { withOpsFlock } from "./ops-flock";
 
 export interface VmDirectory {
@@ -94,7 +94,7 @@ export class DeviceOperations {
       });
     // A VM takes a whole IOMMU group (one opener per group node): attaches of any of its
     // members are serialized, so two VMs racing for two functions of one group have one winner.
-    return this.deps.locks.run(`iommu-group:${group.number}`, call.waitSignal, busy, async () => {
+    return this.deps.locks.run(groupLockKey(group.number), call.waitSignal, busy, async () => {
       await this.deps.heldElsewhere.refuse(vm, device, group, call.signal);
       // Managed: the host's use of every device to bind is checked before anything is written.
       const plan = await binding?.plan([device.bdf, ...companions.map((m) => m.bdf)], call.signal);

@@ -85,6 +85,7 @@ interface PlannedDevice {
   readonly prior: BindingRecord | undefined;
 }
 
+/** The lock Attach holds across an IOMMU group's checks and attach; restores take it too. */
 export function groupLockKey(group: string): string {
   return `iommu-group:${group}`;
 }

@@ -384,6 +384,19 @@ test("a record that cannot be written to --state-dir refuses the attach before s
   fs.mkdirSync(stateDir);
 });
 
+test("two managed Attaches of one device to two VMs at once: one wins, the other is DEVICE_IN_USE, the device bound once", async () => {
+  await startServer();
+  const results = await Promise.allSettled([
+    server.client.attach({ vm: "ch-vm", pci: NIC, id: "a", managed: true }),
+    server.client.attach({ vm: "slow-vm", pci: NIC, id: "b", managed: true }),
+  ]);
+  expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+  const [lost] = results.filter((r): r is PromiseRejectedResult => r.status === "rejected");
+  expect((await failure(Promise.reject(lost?.reason))).reason).toBe("DEVICE_IN_USE");
+  expect(writer.writes).toEqual(bindWrites(NIC));
+  expect(stateOf(NIC)).toMatchObject({ phase: "attached" });
+});
+
 test("a managed device seen leaving its VM some other way (the background refresh) gets its driver back", async () => {
   await startServer({ refreshIntervalMs: 100 });
   await server.client.attach({ vm: "ch-vm", pci: NIC, id: "nic0", managed: true });
