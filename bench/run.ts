@@ -196,7 +196,7 @@ async function startVfiod(f: Fixture, label: string, host: BenchHost, extra: str
 }
 
 async function startHost(f: Fixture, name: string, count: number, options: BenchHostOptions = {}): Promise<BenchHost> {
-  const sysfs = { root: f.sysfsRoot, setDriver: () => {}, cleanup: () => {} };
+  const sysfs = { root: f.sysfsRoot, setDriver: () => {}, deviceDir: (bdf: string) => bdf, cleanup: () => {} };
   const host = await BenchHost.start(path.join(f.dir, name), sysfs, count, options);
   f.hosts.push(host);
   return host;

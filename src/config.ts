@@ -31,6 +31,10 @@ export interface Config {
   readonly auditLog: string | undefined;
   readonly metricsListen: string | undefined;
   readonly logLevel: string;
+  /** --manage-binding: managed Attach may bind a device from its host driver to vfio-pci (needs --allow-devices). */
+  readonly manageBinding: boolean;
+  /** --state-dir: which driver each managed device had, kept across restarts. */
+  readonly stateDir: string;
 }
 
 /** Bad flags: the process prints the message and usage, and exits 2. */
@@ -93,7 +97,8 @@ const FALSE_WORDS = new Set(["0", "false", "no", "off", ""]);
  * read strictly (commander would take any defined value, "false" included, as true).
  */
 function booleanFlag(command: Command, name: string, env: NodeJS.ProcessEnv, usage: string): boolean {
-  if (command.getOptionValueSource(name) === "cli") return true;
+  const key = name.replace(/-([a-z])/g, (_, letter: string) => letter.toUpperCase()); // commander's key: manageBinding
+  if (command.getOptionValueSource(key) === "cli") return true;
   const variable = envName(name);
   const value = env[variable];
   if (value === undefined) return false;
@@ -164,6 +169,13 @@ function buildCommand(): Command {
       ),
     )
     .addOption(option("--log-level <level>", "log level").choices(LOG_LEVELS).default("info"))
+    .addOption(
+      new Option(
+        "--manage-binding",
+        "let a managed Attach bind a device from its host driver to vfio-pci and restore it on Detach (needs --allow-devices); also VFIOD_MANAGE_BINDING=1",
+      ),
+    )
+    .addOption(option("--state-dir <dir>", "where managed binding keeps which driver each device had (tmpfs)").default("/run/vfiod"))
     .helpOption("-h, --help", "show this help")
     .exitOverride()
     .configureOutput({ writeOut: () => {}, writeErr: () => {} });
@@ -209,6 +221,8 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     auditLog: o.auditLog,
     metricsListen: o.metricsListen,
     logLevel: o.logLevel,
+    manageBinding: booleanFlag(command, "manage-binding", env, usage),
+    stateDir: o.stateDir,
   };
   if (config.listen === undefined && config.socket === undefined) {
     throw new UsageError("--listen none needs --socket: vfiod would serve nowhere", usage);
@@ -234,6 +248,16 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
       `refusing plaintext metrics on non-loopback ${config.metricsListen}: use a loopback address, or --insecure`,
       usage,
     );
+  }
+  // Managed binding takes devices from host drivers: only ones the operator listed, never "any".
+  if (config.manageBinding && config.allowDevices === undefined) {
+    throw new UsageError(
+      "--manage-binding needs --allow-devices: vfiod must never take the host's own disks or NICs from their drivers",
+      usage,
+    );
+  }
+  if (config.manageBinding && config.allowDevices?.allowsAnyDevice()) {
+    throw new UsageError("--manage-binding needs an --allow-devices list that names devices, not *:*", usage);
   }
   return config;
 }

@@ -53,7 +53,11 @@ export type Reason =
   | "VM_BUSY"
   | "HYPERVISOR_ERROR"
   | "WATCHER_BEHIND"
-  | "SHUTTING_DOWN";
+  | "SHUTTING_DOWN"
+  // Managed binding (AttachRequest.managed): asked for without --manage-binding;
+  // the host is using the device (mounted, swap, holder, interface up, boot VGA, open).
+  | "BINDING_DISABLED"
+  | "DEVICE_BUSY_ON_HOST";
 
 /** The code a reason gets unless the thrower says otherwise (HYPERVISOR_* have two). */
 const DEFAULT_CODE: Record<Reason, Code> = {
@@ -79,6 +83,8 @@ const DEFAULT_CODE: Record<Reason, Code> = {
   HYPERVISOR_ERROR: Code.FAILED_PRECONDITION,
   WATCHER_BEHIND: Code.RESOURCE_EXHAUSTED,
   SHUTTING_DOWN: Code.UNAVAILABLE,
+  BINDING_DISABLED: Code.FAILED_PRECONDITION,
+  DEVICE_BUSY_ON_HOST: Code.FAILED_PRECONDITION,
 };
 
 export interface VfiodErrorOptions {

@@ -7,6 +7,7 @@ import { AuditLog } from "./audit";
 import { parseConfig, UsageError, type Config } from "./config";
 import { createLogger, type Logger } from "./log";
 import type { Metrics } from "./metrics";
+import { warnUnmanaged } from "./service/managed-binding";
 import { bindPrivately, groupId } from "./unix-socket";
 import { assembleVfiod } from "./vfiod";
 
@@ -38,6 +39,7 @@ async function serve(config: Config, log: Logger): Promise<void> {
     hypervisorTimeoutMs: config.hypervisorTimeoutMs,
     refreshIntervalMs: config.refreshIntervalMs,
     allowList: config.allowDevices,
+    binding: config.manageBinding ? { stateDir: config.stateDir } : undefined,
     server: {
       allowedClients: config.allowClients,
       audit: config.auditLog === undefined ? undefined : AuditLog.open(config.auditLog),
@@ -51,6 +53,9 @@ async function serve(config: Config, log: Logger): Promise<void> {
   }
   // Reads every process's open files once, so the first Attach's scan reads only what changed.
   if (vfiod.holders.canSeeOthers()) vfiod.holders.index(AbortSignal.timeout(60_000)).catch(() => undefined);
+  // Before any call is served: what an earlier vfiod left half-done in --state-dir.
+  if (vfiod.binding !== undefined) await vfiod.binding.repair();
+  else await warnUnmanaged(config.stateDir, log);
   const credentials = serverCredentials(config);
   const bind = promisify(server.bindAsync.bind(server));
   const port = config.listen === undefined ? undefined : await bind(config.listen, credentials);
@@ -61,6 +66,7 @@ async function serve(config: Config, log: Logger): Promise<void> {
     });
   }
   vfiod.refresher.start();
+  vfiod.binding?.start();
   vfiod.server.markServing();
   log.info({ listen: config.listen ?? "none", port, socket: config.socket, tls: config.tlsCert !== undefined }, "vfiod serving");
 
@@ -70,6 +76,7 @@ async function serve(config: Config, log: Logger): Promise<void> {
     draining = true;
     log.info({ signal }, "draining: no new calls, finishing in-flight ones");
     vfiod.refresher.stop();
+    vfiod.binding?.stop();
     vfiod.server.markNotServing();
     // Watches never finish on their own: end them, so draining waits only for calls that do.
     vfiod.watch.closeAll();

@@ -1,9 +1,14 @@
 // vfiod's parts, wired once: the process (main.ts) and in-process tests build
 // the same thing from the same options.
+import os from "node:os";
 import { defaultBackends } from "./backends/all";
 import type { BackendRegistry } from "./backends/registry";
 import type { DeviceAllowList } from "./host/device-allow-list";
+import { BindingState } from "./host/binding-state";
+import { HostUseCheck } from "./host/host-use";
 import { HostPreflight } from "./host/preflight";
+import { RootedSysfsWriter, type SysfsWriter } from "./host/sysfs-writer";
+import { VfioDriverChooser } from "./host/vfio-driver";
 import { VfioHolders } from "./host/vfio-holders";
 import type { CocoonBinaries } from "./inventory/cocoon";
 import { Inventory } from "./inventory/inventory";
@@ -15,6 +20,7 @@ import { DeviceOperations } from "./service/device-operations";
 import { DeviceWatch } from "./service/device-watch";
 import { HeldElsewhere } from "./service/held-elsewhere";
 import { InventoryQueries } from "./service/inventory-queries";
+import { ManagedBinding } from "./service/managed-binding";
 import { DeviceView } from "./view/device-view";
 import { Refresher } from "./view/refresher";
 
@@ -37,6 +43,19 @@ export interface VfiodOptions {
   /** Default: every backend vfiod has. */
   readonly backends?: BackendRegistry;
   readonly server?: VfiodServerOptions;
+  /** --manage-binding: managed Attach binds devices to vfio-pci; undefined: BINDING_DISABLED. */
+  readonly binding?: ManagedBindingOptions;
+}
+
+export interface ManagedBindingOptions {
+  /** --state-dir. */
+  readonly stateDir: string;
+  /** Default: writes under sysfsRoot. Tests record every write and play the kernel's part. */
+  readonly writer?: SysfsWriter;
+  /** Between two looks at devices whose removal is pending (default 2 s). */
+  readonly pollMs?: number;
+  /** How long the kernel may take to bind a device (default 10 s). */
+  readonly bindWaitMs?: number;
 }
 
 /** A refresh pass reads this many VMs at once... */
@@ -53,6 +72,8 @@ export interface Vfiod {
   readonly watch: DeviceWatch;
   readonly inventory: Inventory;
   readonly holders: VfioHolders;
+  /** With --manage-binding. */
+  readonly binding?: ManagedBinding;
 }
 
 export function assembleVfiod(options: VfiodOptions): Vfiod {
@@ -72,15 +93,36 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
   const holders = new VfioHolders(options.procRoot ?? "/proc", options.sysfsRoot, log);
   const preflight = new HostPreflight(options.sysfsRoot, options.kernelRelease);
   const heldElsewhere = new HeldElsewhere({ kernel: holders, view, records: () => inventory.records() });
+  const locks = new KeyedLocks();
+  const binding =
+    options.binding === undefined
+      ? undefined
+      : new ManagedBinding({
+          sysfsRoot: options.sysfsRoot,
+          writer: options.binding.writer ?? new RootedSysfsWriter(options.sysfsRoot),
+          state: new BindingState(options.binding.stateDir),
+          drivers: new VfioDriverChooser(options.sysfsRoot, options.kernelRelease ?? os.release()),
+          hostUse: new HostUseCheck(options.sysfsRoot, options.procRoot ?? "/proc", holders),
+          holders,
+          view,
+          locks,
+          inventory,
+          backends,
+          log,
+          pollMs: options.binding.pollMs ?? 2_000,
+          bindWaitMs: options.binding.bindWaitMs,
+          perVmMs: Math.min(REFRESH_PER_VM_MS, hypervisorTimeoutMs),
+        });
   const operations = new DeviceOperations({
     inventory,
     backends,
     host: preflight,
     heldElsewhere,
     view,
-    locks: new KeyedLocks(),
+    locks,
     detachTimeoutMs: options.detachTimeoutMs,
     allowList: options.allowList,
+    binding,
   });
   const refresher = new Refresher({
     inventory,
@@ -111,5 +153,5 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
     },
     queues: () => backends.queues(),
   });
-  return { server, operations, view, refresher, watch, inventory, holders };
+  return { server, operations, view, refresher, watch, inventory, holders, binding };
 }

@@ -184,3 +184,41 @@ describe("metrics off the loopback need --insecure (issue 8 item 4)", () => {
     expect(usageError(["--metrics-listen", "0.0.0.0:9100"], { VFIOD_INSECURE: "off" }).message).toContain("refusing plaintext metrics");
   });
 });
+
+describe("--manage-binding is opt-in and needs --allow-devices (issue 11 item 1)", () => {
+  test("off by default; --state-dir defaults to /run/vfiod", () => {
+    expect(parseConfig([], {})).toMatchObject({ manageBinding: false, stateDir: "/run/vfiod" });
+  });
+
+  test.each([
+    [["--manage-binding"], {}],
+    [[], { VFIOD_MANAGE_BINDING: "1" }],
+    [[], { VFIOD_MANAGE_BINDING: "yes", VFIOD_STATE_DIR: "/var/run/x" }],
+  ])("%j %j without --allow-devices is a usage error: vfiod must never take the host's own devices", (argv, env) => {
+    const err = usageError(argv, env);
+    expect(err.message).toContain("--manage-binding needs --allow-devices");
+    expect(err.usage).toContain("--manage-binding");
+    expect(err.usage).toContain("--state-dir");
+  });
+
+  test("an --allow-devices list of *:* does not count: it names no device", () => {
+    expect(usageError(["--manage-binding", "--allow-devices", "8086:10d3,*:*"]).message).toContain("not *:*");
+  });
+
+  test("with --allow-devices it is on, and --state-dir / VFIOD_STATE_DIR say where its records go", () => {
+    const config = parseConfig(["--manage-binding", "--allow-devices", "8086:*", "--state-dir", "/run/v"], {});
+    expect(config).toMatchObject({ manageBinding: true, stateDir: "/run/v" });
+    expect(parseConfig([], { VFIOD_MANAGE_BINDING: "on", VFIOD_ALLOW_DEVICES: "01:00.0", VFIOD_STATE_DIR: "/s" })).toMatchObject({
+      manageBinding: true,
+      stateDir: "/s",
+    });
+  });
+
+  test.each(["0", "false", "off", ""])("VFIOD_MANAGE_BINDING=%j is off (and needs no allow-list)", (value) => {
+    expect(parseConfig([], { VFIOD_MANAGE_BINDING: value }).manageBinding).toBe(false);
+  });
+
+  test.each(["maybe", "2", "enabled"])("VFIOD_MANAGE_BINDING=%j is a usage error naming the variable", (value) => {
+    expect(usageError([], { VFIOD_MANAGE_BINDING: value }).message).toContain("VFIOD_MANAGE_BINDING");
+  });
+});

@@ -43,6 +43,11 @@ export class DeviceAllowList {
     return new DeviceAllowList(bdfs, ids, sysfsRoot);
   }
 
+  /** Whether the list lets every device through (an entry "*:*"). */
+  allowsAnyDevice(): boolean {
+    return this.ids.some((rule) => rule.vendor === "*" && rule.device === "*");
+  }
+
   /** @throws DEVICE_NOT_ALLOWED (PERMISSION_DENIED). */
   async check(device: PciAddress): Promise<void> {
     if (this.bdfs.has(device.bdf)) return;

@@ -7,7 +7,7 @@ import os from "node:os";
 import path from "node:path";
 import { VfiodError } from "../errors";
 import type { PciAddress } from "../pci/address";
-import { groupMembers, pciDevicesDir, readFunction, readLinkName, type HostFunction } from "./sysfs";
+import { groupMembers, isEndpoint, pciDevicesDir, readFunction, readLinkName, type HostFunction } from "./sysfs";
 
 /** vfio-pci and vendor variants (mlx5_vfio_pci, nvgrace_gpu_vfio_pci, xe-vfio-pci, ...). */
 export function isVfioDriver(driver: string): boolean {
@@ -44,6 +44,11 @@ function bindCommands(functions: readonly { bdf: string; driver: string | undefi
   return ["modprobe vfio-pci", ...perDevice].join("; ");
 }
 
+/** A managed Attach (AttachRequest.managed): vfiod binds the device, with `wholeGroup` every endpoint of its group. */
+export interface ManagedCheck {
+  readonly wholeGroup: boolean;
+}
+
 /** A device's IOMMU group as preflight found it. */
 export interface IommuGroup {
   readonly number: string;
@@ -66,11 +71,13 @@ export class HostPreflight {
   }
 
   /**
-   * Refuses a device that cannot be handed to a VM as it stands.
+   * Refuses a device that cannot be handed to a VM as it stands or, with
+   * `managed`, once vfiod has bound it (and, with wholeGroup, its group's other
+   * endpoints) to vfio-pci.
    * @returns its IOMMU group: the unit a VM takes (one opener per group).
    * @throws DEVICE_NOT_FOUND, DEVICE_NOT_VFIO, IOMMU_GROUP_NOT_VIABLE
    */
-  async check(device: PciAddress): Promise<IommuGroup> {
+  async check(device: PciAddress, managed?: ManagedCheck): Promise<IommuGroup> {
     const dir = path.join(pciDevicesDir(this.sysfsRoot), device.bdf);
     const meta = { device: device.bdf };
     const stat = fs.statSync(dir, { throwIfNoEntry: false });
@@ -78,7 +85,7 @@ export class HostPreflight {
       throw new VfiodError("DEVICE_NOT_FOUND", `host PCI device ${device.bdf} does not exist`, { meta });
     }
     const self = readFunction(this.sysfsRoot, device.bdf);
-    if (self.driver === undefined || !isVfioDriver(self.driver)) {
+    if (managed === undefined && (self.driver === undefined || !isVfioDriver(self.driver))) {
       const current = self.driver === undefined ? "is bound to no driver" : `is bound to ${self.driver}`;
       throw new VfiodError(
         "DEVICE_NOT_VFIO",
@@ -101,7 +108,8 @@ export class HostPreflight {
     for (const member of groupMembers(this.sysfsRoot, group)) {
       const fn = member === device.bdf ? self : readFunction(this.sysfsRoot, member);
       members.push(fn);
-      if (member !== device.bdf && !keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
+      const willBind = managed?.wholeGroup === true && isEndpoint(fn);
+      if (member !== device.bdf && !willBind && !keepsGroupViable(fn, this.dmaOwnership)) offenders.push(fn);
     }
     if (offenders.length > 0) {
       const named = offenders.map((fn) => `${fn.bdf} (driver ${fn.driver})`).join(", ");
@@ -109,7 +117,8 @@ export class HostPreflight {
         "IOMMU_GROUP_NOT_VIABLE",
         `IOMMU group ${group} of ${device.bdf} is not viable: ${named} ` +
           `${offenders.length === 1 ? "is" : "are"} bound to a host driver; bind every device of the group to vfio-pci ` +
-          `(or unbind it), e.g. ${bindCommands(offenders)}`,
+          `(or unbind it), e.g. ${bindCommands(offenders)}` +
+          (managed === undefined ? "" : "; or attach with managed and whole_group, which binds and attaches the whole group"),
         { meta: { ...meta, iommu_group: group, offenders: offenders.map((fn) => fn.bdf).join(",") } },
       );
     }

@@ -11,6 +11,9 @@
 // A process that swapped one open file for a group node between two scans, keeping
 // its count, is missed until its count changes: the kernel still refuses the second
 // opener (EBUSY), which the hypervisor reports and vfiod answers as DEVICE_IN_USE.
+// A scan of its own, reading every open file, finds who holds other device nodes
+// open (openers(): a disk's /dev/nvme0n1, a GPU's /dev/dri/card0), for managed
+// binding's host-use check.
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import path from "node:path";
@@ -112,6 +115,25 @@ export class VfioHolders {
     return this.scans.read("proc", signal, "scanning /proc for open VFIO nodes", () => this.scan());
   }
 
+  /**
+   * The processes holding any of `nodes` (canonical paths such as "/dev/nvme0n1")
+   * open, by node, from a full scan of its own begun now.
+   */
+  async openers(nodes: readonly string[], signal: AbortSignal): Promise<Map<string, HolderProcess[]>> {
+    const wanted = new Set(nodes);
+    const found = new Map<string, HolderProcess[]>();
+    if (wanted.size === 0) return found;
+    signal.throwIfAborted();
+    const index = new Map<string, number[]>();
+    await this.eachProcess((pid) => {
+      for (const node of this.openFiles(pid).filter((file) => wanted.has(file))) {
+        index.set(node, [...(index.get(node) ?? []), Number(pid)]);
+      }
+    });
+    for (const [node, pids] of index) found.set(node, await Promise.all(pids.map((pid) => this.process(pid))));
+    return found;
+  }
+
   /** What /proc says of one process ("?" for a command that cannot be read). */
   async process(pid: number): Promise<HolderProcess> {
     const dir = path.join(this.procRoot, String(pid));
@@ -124,31 +146,37 @@ export class VfioHolders {
 
   private async scan(): Promise<Map<string, number[]>> {
     const index = new Map<string, number[]>();
+    const alive = new Set<string>();
+    await this.eachProcess((pid) => {
+      alive.add(pid);
+      for (const node of this.nodesHeldBy(pid)) index.set(node, [...(index.get(node) ?? []), Number(pid)]);
+    });
+    for (const pid of this.seen.keys()) if (!alive.has(pid)) this.seen.delete(pid);
+    return index;
+  }
+
+  /**
+   * Calls `visit` for every process, with synchronous reads in small batches: an
+   * async stat or readlink costs a thread-pool round trip each, tens of times the syscall.
+   */
+  private async eachProcess(visit: (pid: string) => void): Promise<void> {
     let pids: string[];
     try {
       pids = fs.readdirSync(this.procRoot).filter((name) => /^[1-9][0-9]*$/.test(name));
     } catch {
-      return index;
+      return;
     }
-    const alive = new Set(pids);
-    for (const pid of this.seen.keys()) if (!alive.has(pid)) this.seen.delete(pid);
-    // Synchronous reads in small batches: an async stat or readlink costs a thread-pool
-    // round trip each, tens of times the syscall.
     for (let at = 0; at < pids.length; at += PIDS_PER_TURN) {
-      for (const pid of pids.slice(at, at + PIDS_PER_TURN)) {
-        for (const node of this.nodesHeldBy(pid)) index.set(node, [...(index.get(node) ?? []), Number(pid)]);
-      }
+      pids.slice(at, at + PIDS_PER_TURN).forEach(visit);
       await yieldToLoop();
     }
-    return index;
   }
 
   /** The VFIO nodes process `pid` has open: read again only when its open-file count changed. */
   private nodesHeldBy(pid: string): readonly string[] {
-    const fdDir = path.join(this.procRoot, pid, "fd");
     let count: number;
     try {
-      count = fs.statSync(fdDir).size;
+      count = fs.statSync(path.join(this.procRoot, pid, "fd")).size;
     } catch {
       this.seen.delete(pid);
       return []; // exited, or not ours to read
@@ -156,30 +184,37 @@ export class VfioHolders {
     const last = this.seen.get(pid);
     // A count of 0 is what kernels before 6.2 report for every process: no shortcut there.
     if (last !== undefined && count !== 0 && last.count === count) return last.nodes;
-    const nodes = new Set<string>();
+    const nodes = [...new Set(this.openFiles(pid).filter(isVfioNode))];
+    this.seen.set(pid, { count, nodes });
+    return nodes;
+  }
+
+  /** The host paths of every file process `pid` has open ([] when it exited or is not ours to read). */
+  private openFiles(pid: string): string[] {
+    const fdDir = path.join(this.procRoot, pid, "fd");
     let fds: string[];
     try {
       fds = fs.readdirSync(fdDir);
     } catch {
       return [];
     }
+    const files: string[] = [];
     for (const fd of fds) {
       try {
-        const node = this.canonicalNode(fs.readlinkSync(path.join(fdDir, fd)));
-        if (node !== undefined) nodes.add(node);
+        files.push(this.canonicalNode(fs.readlinkSync(path.join(fdDir, fd))));
       } catch {
         // closed meanwhile
       }
     }
-    const found = [...nodes];
-    this.seen.set(pid, { count, nodes: found });
-    return found;
+    return files;
   }
 
-  /** "/dev/vfio/12" for an open file that is that node (under the host root too), else undefined. */
-  private canonicalNode(target: string): string | undefined {
-    let node = target;
-    if (this.hostRoot !== "/" && target.startsWith(`${this.hostRoot}/`)) node = target.slice(this.hostRoot.length);
-    return /^\/dev\/vfio\/(?:[0-9]+|devices\/vfio[0-9]+)$/.test(node) ? node : undefined;
+  /** The host path an open file is: "/dev/vfio/12" for that node, also for the file standing in for it under the host root. */
+  private canonicalNode(target: string): string {
+    return this.hostRoot !== "/" && target.startsWith(`${this.hostRoot}/`) ? target.slice(this.hostRoot.length) : target;
   }
+}
+
+function isVfioNode(node: string): boolean {
+  return /^\/dev\/vfio\/(?:[0-9]+|devices\/vfio[0-9]+)$/.test(node);
 }

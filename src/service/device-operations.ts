@@ -7,7 +7,7 @@ import type { BackendRegistry } from "../backends/registry";
 import { checkDeviceId, companionId, requireDeviceId } from "../device-id";
 import { Code, VfiodError } from "../errors";
 import type { DeviceAllowList } from "../host/device-allow-list";
-import type { IommuGroup } from "../host/preflight";
+import type { IommuGroup, ManagedCheck } from "../host/preflight";
 import { isEndpoint } from "../host/sysfs";
 import type { VmRecord } from "../inventory/vm";
 import type { KeyedLocks } from "../keyed-locks";
@@ -15,6 +15,7 @@ import { addressOfBdf, parsePciAddress, type PciAddress } from "../pci/address";
 import type { DeviceView } from "../view/device-view";
 import type { Call } from "./call";
 import type { HeldElsewhere } from "./held-elsewhere";
+import { groupLockKey, type BindPlan, type ManagedBinding } from "./managed-binding";
 import { withOpsFlock } from "./ops-flock";
 
 export interface VmDirectory {
@@ -22,7 +23,7 @@ export interface VmDirectory {
 }
 
 export interface DeviceChecker {
-  check(device: PciAddress): Promise<IommuGroup>;
+  check(device: PciAddress, managed?: ManagedCheck): Promise<IommuGroup>;
 }
 
 export interface DeviceOperationsDeps {
@@ -36,6 +37,8 @@ export interface DeviceOperationsDeps {
   readonly detachTimeoutMs: number;
   /** --allow-devices; undefined allows every device. */
   readonly allowList?: DeviceAllowList;
+  /** --manage-binding; undefined: a managed Attach is BINDING_DISABLED. */
+  readonly binding?: ManagedBinding;
 }
 
 /** A rollback's removal may wait this much beyond the detach timeout for its requests. */
@@ -62,10 +65,11 @@ export class DeviceOperations {
    * anything is sent and attached after the device, all or nothing.
    * @throws INVALID_ARGUMENT, DEVICE_NOT_ALLOWED, VM_NOT_FOUND, VM_AMBIGUOUS,
    *   BACKEND_UNSUPPORTED, VM_NOT_RUNNING, DEVICE_NOT_FOUND, DEVICE_NOT_VFIO,
-   *   IOMMU_GROUP_NOT_VIABLE, DEVICE_IN_USE, VM_BUSY, and the backend's reasons.
+   *   IOMMU_GROUP_NOT_VIABLE, DEVICE_IN_USE, VM_BUSY, and the backend's reasons;
+   *   with `managed`, BINDING_DISABLED and DEVICE_BUSY_ON_HOST too.
    */
   async attach(
-    request: { vm: string; pci: string; id: string; wholeGroup?: boolean },
+    request: { vm: string; pci: string; id: string; wholeGroup?: boolean; managed?: boolean },
     call: Call,
   ): Promise<{ device: AttachedDevice; companions: AttachedDevice[] }> {
     const vmRef = requireVmRef(request.vm);
@@ -73,14 +77,16 @@ export class DeviceOperations {
     const id = checkDeviceId(request.id);
     call.facts.device = device.bdf;
     if (id !== "") call.facts.id = id;
+    const binding = request.managed === true ? this.requireBinding(device) : undefined;
     await this.deps.allowList?.check(device);
     const { vm, attacher } = await this.resolveAttacher(vmRef, "attach", call);
-    const group = await this.deps.host.check(device);
+    const managed = binding === undefined ? undefined : { wholeGroup: request.wholeGroup === true };
+    const group = await this.deps.host.check(device, managed);
     // Every companion passes the same checks before anything is sent.
     const companions = request.wholeGroup === true ? group.members.filter((m) => m.bdf !== device.bdf && isEndpoint(m)) : [];
     for (const member of companions) {
       await this.deps.allowList?.check(addressOfBdf(member.bdf));
-      await this.deps.host.check(addressOfBdf(member.bdf));
+      await this.deps.host.check(addressOfBdf(member.bdf), managed);
     }
     const busy = () =>
       new VfiodError("VM_BUSY", `another attach of host device ${device.bdf} or of its IOMMU group is in progress; retry later`, {
@@ -88,9 +94,11 @@ export class DeviceOperations {
       });
     // A VM takes a whole IOMMU group (one opener per group node): attaches of any of its
     // members are serialized, so two VMs racing for two functions of one group have one winner.
-    return this.deps.locks.run(`iommu-group:${group.number}`, call.waitSignal, busy, async () => {
+    return this.deps.locks.run(groupLockKey(group.number), call.waitSignal, busy, async () => {
       await this.deps.heldElsewhere.refuse(vm, device, group, call.signal);
-      return this.mutate(vm, call, async () => {
+      // Managed: the host's use of every device to bind is checked before anything is written.
+      const plan = await binding?.plan([device.bdf, ...companions.map((m) => m.bdf)], call.signal);
+      return this.mutate(vm, call, () => this.withBinding(plan, vm, { bdf: device.bdf, id }, call, async () => {
         const before = companions.length === 0 ? [] : await this.deps.backends.lister(vm.hypervisor).list(vm, call.signal);
         const primary = await attacher.attach(vm, device, id, call.signal);
         call.facts.id = primary.id;
@@ -108,8 +116,41 @@ export class DeviceOperations {
           }
         }
         return { device: primary, companions: attached };
-      });
+      }));
     });
+  }
+
+  /** BINDING_DISABLED unless vfiod runs with --manage-binding. */
+  private requireBinding(device: PciAddress): ManagedBinding {
+    if (this.deps.binding !== undefined) return this.deps.binding;
+    throw new VfiodError(
+      "BINDING_DISABLED",
+      `managed attach of host PCI device ${device.bdf} asked for, but vfiod runs without --manage-binding: ` +
+        "bind it to vfio-pci yourself and attach without managed, or run vfiod with --manage-binding and --allow-devices",
+      { meta: { device: device.bdf } },
+    );
+  }
+
+  /**
+   * Managed: binds the planned devices just before `attach` runs, then records
+   * them attached; if `attach` fails, puts their drivers back (the error says so).
+   */
+  private async withBinding<R extends { device: AttachedDevice; companions: AttachedDevice[] }>(
+    plan: BindPlan | undefined,
+    vm: VmRecord,
+    primary: { bdf: string; id: string },
+    call: Call,
+    attach: () => Promise<R>,
+  ): Promise<R> {
+    if (plan === undefined) return attach();
+    const bound = await plan.apply(vm, primary, call.log);
+    try {
+      const result = await attach();
+      await bound.attached([result.device, ...result.companions], call.log);
+      return result;
+    } catch (err) {
+      throw await bound.undo(err, call.log);
+    }
   }
 
   /** Removes what a failed whole-group attach added; the error says what happened to each. */
@@ -157,21 +198,29 @@ export class DeviceOperations {
     const id = requireDeviceId(request.id);
     call.facts.id = id;
     const { vm, attacher } = await this.resolveAttacher(vmRef, "detach", call);
+    // What the hypervisor released: a managed device gets its host driver back once the VM's lock is let go.
+    const released: AttachedDevice[] = [];
     try {
       return await this.mutate(vm, call, async () => {
         if (request.wholeGroup === true) {
           const devices = await this.deps.backends.lister(vm.hypervisor).list(vm, call.signal);
           for (const companion of devices.filter((d) => d.id === companionId(id, d.bdf))) {
-            await this.detachOne(vm, attacher, companion.id, call);
+            released.push(await this.detachOne(vm, attacher, companion.id, call));
           }
         }
         const removed = await this.detachOne(vm, attacher, id, call);
         if (removed.bdf !== "") call.facts.device = removed.bdf;
+        released.push(removed);
         return removed;
       });
     } catch (err) {
       if (err instanceof VfiodError && err.meta.device !== undefined) call.facts.device = err.meta.device;
+      if (err instanceof VfiodError && err.reason === "DETACH_PENDING" && this.deps.binding !== undefined) {
+        throw await this.deps.binding.pending(vm, err);
+      }
       throw err;
+    } finally {
+      if (released.length > 0) await this.deps.binding?.released(vm, released, call.log);
     }
   }
 

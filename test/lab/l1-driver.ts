@@ -3,7 +3,7 @@
 // with real vfio-pci devices. Prints each step with its timing ("LAB " lines
 // reach the lab's output) and records them in <out>/result.json for lab.test.ts.
 import * as grpc from "@grpc/grpc-js";
-import { spawn, type ChildProcess } from "node:child_process";
+import { spawn, spawnSync, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
@@ -12,10 +12,12 @@ import { createDeviceClient, errorReason, type DeviceClient } from "../../src/gr
 import type {
   CallFailure,
   GuestLine,
+  HostDriverState,
   LabConfig,
   LabDevice,
   LabPciDevice,
   LabResult,
+  ManagedTimings,
   Step,
   StepName,
   StepValues,
@@ -43,6 +45,13 @@ const DETACH_TIMEOUT_MS = 10_000;
 const CHECKOUT = path.resolve(__dirname, "../../..");
 /** vfiod listens on 127.0.0.1 here (L1's loopback). */
 const VFIOD_PORT = 50051;
+/** The vfiod killed mid-attach, and the one without --manage-binding, beside it. */
+const FIRST_PORT = 50052;
+const PLAIN_PORT = 50053;
+/** --state-dir of the managed vfiods (L1's own tmpfs, as /run/vfiod on a host). */
+const STATE_DIR = "/run/lab/vfiod-state";
+/** How long the kernel may take to bind the managed NIC (vfiod's own bound is 10 s). */
+const BIND_MS = 30_000;
 
 class Abort extends Error {}
 
@@ -56,6 +65,10 @@ class Recorder {
     private readonly config: LabConfig,
     private readonly companions: string[],
   ) {}
+
+  get labConfig(): LabConfig {
+    return this.config;
+  }
 
   /**
    * Runs one step: `run` does it and returns what it saw. The plan is that it
@@ -95,12 +108,26 @@ class Recorder {
     return this.save();
   }
 
+  private managedTimings(): ManagedTimings {
+    const ok = <N extends StepName>(name: N) => this.steps.find((s): s is Step<N> => s.name === name && s.ok);
+    const detach = ok("managed detach NIC");
+    const back = ok("L1 driver owns managed NIC again");
+    return {
+      attachMs: ok("managed attach NIC")?.ms ?? -1,
+      detachMs: detach?.ms ?? -1,
+      backOnHostDriverMs: detach !== undefined && back?.value !== undefined ? detach.ms + back.value.waitedMs : -1,
+      bindMs: ok("managed attach to the hung VM: bound, not attached")?.value?.boundAfterMs ?? -1,
+      repairRestoreMs: ok("restarted vfiod put the device back")?.value?.restoreMs ?? -1,
+    };
+  }
+
   private save(): LabResult {
     const result: LabResult = {
       ok: this.complete && this.steps.every((s) => s.ok),
       config: this.config,
       companions: this.companions,
       detachTimeoutMs: DETACH_TIMEOUT_MS,
+      managedTimings: this.managedTimings(),
       steps: this.steps,
     };
     fs.writeFileSync(path.join(this.config.out, "result.json"), `${JSON.stringify(result, null, 2)}\n`);
@@ -124,19 +151,35 @@ async function main(): Promise<void> {
   const lab = new Recorder(config, companions);
   print(`node ${process.version}; vfiod from ${CHECKOUT}`);
 
-  // One vfiod for both VMs, as on a real host (each VM has its own QMP socket).
-  const vfiod = await startVfiod(lab, config);
+  writeInventory(config);
+  // A VM whose hypervisor never answers: a managed Attach to it binds, then hangs.
+  const hung = net.createServer((socket) => socket.on("error", () => undefined)).listen(config.vms.hung.qmp);
+  const managedArgs = ["--manage-binding", "--allow-devices", allowedDevices(config), "--state-dir", STATE_DIR];
+  // While L2 boots: a vfiod that is killed mid-attach, and one without --manage-binding, at once.
+  const [first, plain] = await Promise.all([
+    startVfiod(lab, "vfiod ready (to be killed)", FIRST_PORT, managedArgs, "vfiod-killed.log"),
+    startVfiod(lab, "vfiod ready (without --manage-binding)", PLAIN_PORT, ["--state-dir", `${STATE_DIR}-plain`], "vfiod-plain.log"),
+  ]);
+  await unmanagedTrack(lab, config, plain);
+  await crashTrack(lab, config, first);
+  hung.close();
+  // The lab's vfiod, for all VMs, as on a real host (each VM has its own QMP socket); it
+  // repairs what the killed one left before it listens.
+  const vfiod = await startVfiod(lab, "vfiod ready", VFIOD_PORT, managedArgs, "vfiod.log");
   let finished = false;
   try {
-    // The firmware VM needs no guest, so its steps run while the other L2 boots.
+    await repairedStep(lab, config);
+    const booted = deferred();
+    // The firmware VM needs no guest, so its steps run while the other L2 boots; so do managed refusals.
     const tracks = await Promise.allSettled([
-      bootTrack(lab, config, vfiod.client),
+      bootTrack(lab, config, vfiod.client, booted),
       firmwareTrack(lab, config, vfiod.client),
+      managedTrack(lab, config, vfiod.client, booted.promise, companions[0] ?? nonViable),
     ]);
     for (const t of tracks) if (t.status === "rejected" && !(t.reason instanceof Abort)) throw t.reason;
     finished = tracks.every((t) => t.status === "fulfilled");
   } finally {
-    await stopVfiod(lab, vfiod);
+    await stopVfiod(lab, vfiod, "vfiod stops");
     const result = finished ? lab.finish() : undefined;
     printLatencies(result);
     print(result?.ok ? "lab passed" : "lab FAILED");
@@ -145,7 +188,7 @@ async function main(): Promise<void> {
 }
 
 /** The booting VM: empty List, preflight refusal, then attach, see, list, detach, see go. */
-async function bootTrack(lab: Recorder, config: LabConfig, c: DeviceClient): Promise<void> {
+async function bootTrack(lab: Recorder, config: LabConfig, c: DeviceClient, booted: Deferred): Promise<void> {
   const vm = config.vms.boot.name;
   const serial = config.vms.boot.serial;
   const list = () => listed(c, vm);
@@ -158,12 +201,18 @@ async function bootTrack(lab: Recorder, config: LabConfig, c: DeviceClient): Pro
     async () => attached(await c.attach({ vm, pci: config.devices.nonViable }, { timeoutMs: ATTACH_MS })),
     { refusal: "IOMMU_GROUP_NOT_VIABLE", keepGoing: true },
   );
-  await lab.step(
-    "L2 guest booted",
-    L2_BOOT_MS,
-    async () => ({ line: await waitForLine(serial, /^L2-READY.*$/m, 0, config.l2StartedAtMs + L2_BOOT_MS) }),
-    { since: config.l2StartedAtMs },
-  );
+  try {
+    await lab.step(
+      "L2 guest booted",
+      L2_BOOT_MS,
+      async () => ({ line: await waitForLine(serial, /^L2-READY.*$/m, 0, config.l2StartedAtMs + L2_BOOT_MS) }),
+      { since: config.l2StartedAtMs },
+    );
+    booted.resolve();
+  } catch (err) {
+    booted.reject(err);
+    throw err;
+  }
 
   const attachAndSee = async (name: "NIC" | "NVMe", device: LabPciDevice, pci: string, id?: string) => {
     const from = fileSize(serial);
@@ -210,29 +259,161 @@ async function firmwareTrack(lab: Recorder, config: LabConfig, c: DeviceClient):
   await lab.step("list l2fw after detach", LIST_MS, () => listed(c, vm));
 }
 
-async function startVfiod(lab: Recorder, config: LabConfig): Promise<Vfiod> {
-  const inventory = path.join(config.out, "inventory.json");
+/** The managed NIC's three refusals that need no guest (while l2 boots), then attach, see, detach, driver back. */
+async function managedTrack(lab: Recorder, config: LabConfig, c: DeviceClient, booted: Promise<void>, outside: string): Promise<void> {
+  const { managed } = config.devices;
+  const vm = config.vms.boot.name;
+  const serial = config.vms.boot.serial;
+  // Up, the interface is the host's: refused, naming it (the real kernel's flags, no carrier needed).
+  await lab.step(
+    "managed attach while its interface is up",
+    ATTACH_MS,
+    async () => {
+      // Its name now: the restart's restore re-created it (the kernel may have named it anew).
+      const name = hostState(managed.bdf).interfaces[0] ?? managed.interface;
+      ip("link", "set", "dev", name, "up");
+      try {
+        return attached(await c.attach({ vm, pci: managed.bdf, id: "lab-busy", managed: true }, { timeoutMs: ATTACH_MS }));
+      } finally {
+        ip("link", "set", "dev", name, "down");
+      }
+    },
+    { refusal: "DEVICE_BUSY_ON_HOST", keepGoing: true },
+  );
+  // A device on a host driver outside --allow-devices (a member of the 00:1f group): refused before any write.
+  const before = hostState(outside);
+  await lab.step(
+    "managed attach outside --allow-devices",
+    ATTACH_MS,
+    async () => attached(await c.attach({ vm, pci: outside, id: "lab-outside", managed: true }, { timeoutMs: ATTACH_MS })),
+    { refusal: "DEVICE_NOT_ALLOWED", keepGoing: true },
+  );
+  await lab.step(
+    "device outside --allow-devices untouched",
+    LIST_MS,
+    async () => {
+      const after = hostState(outside);
+      if (JSON.stringify(after) !== JSON.stringify(before)) throw new Error(`${outside} changed: ${JSON.stringify({ before, after })}`);
+      return { before, after };
+    },
+    { keepGoing: true },
+  );
+  await booted;
+  const added = fileSize(serial);
+  const { device } = await lab.step("managed attach NIC", ATTACH_MS, async () =>
+    attached(await c.attach({ vm, pci: managed.bdf, id: "lab-managed", managed: true }, { timeoutMs: ATTACH_MS })),
+  );
+  await lab.step("managed NIC on vfio-pci in L1", LIST_MS, async () => {
+    const state = hostState(managed.bdf);
+    if (state.driver !== "vfio-pci") throw new Error(`attached, but on ${state.driver ?? "no driver"} in L1`);
+    return state;
+  });
+  await lab.step("L2 guest sees managed NIC", GUEST_MS, () => guestLine(serial, "ADD", managed, added));
+  const removed = fileSize(serial);
+  await lab.step("managed detach NIC", DETACH_MS, () => detached(c, vm, device.id));
+  await lab.step("L1 driver owns managed NIC again", GUEST_MS, async () => {
+    const started = Date.now();
+    const state = await waitForHost(managed.bdf, (s) => s.driver === managed.hostDriver && s.interfaces.length > 0, GUEST_MS);
+    return { ...state, waitedMs: Date.now() - started };
+  });
+  await lab.step("L2 guest lost managed NIC", GUEST_MS, () => guestLine(serial, "DEL", managed, removed));
+}
+
+/** Without --manage-binding, managed is BINDING_DISABLED and the device stays as it is. */
+async function unmanagedTrack(lab: Recorder, config: LabConfig, plain: Vfiod): Promise<void> {
+  const { managed } = config.devices;
+  await lab.step(
+    "managed attach without --manage-binding",
+    ATTACH_MS,
+    async () =>
+      attached(await plain.client.attach({ vm: config.vms.boot.name, pci: managed.bdf, id: "lab-plain", managed: true }, { timeoutMs: ATTACH_MS })),
+    { refusal: "BINDING_DISABLED", keepGoing: true },
+  );
+  await lab.step(
+    "device untouched after BINDING_DISABLED",
+    LIST_MS,
+    async () => {
+      const state = hostState(managed.bdf);
+      if (state.driver !== managed.hostDriver || state.override !== "(null)") throw new Error(`changed: ${JSON.stringify(state)}`);
+      return state;
+    },
+    { keepGoing: true },
+  );
+  await stopVfiod(lab, plain, "vfiod without --manage-binding stops");
+}
+
+/** A managed Attach to the hung VM binds the NIC, then waits for QEMU: vfiod is killed right then. */
+async function crashTrack(lab: Recorder, config: LabConfig, first: Vfiod): Promise<void> {
+  const { managed } = config.devices;
+  const call = first.client
+    .attach({ vm: config.vms.hung.name, pci: managed.bdf, id: "lab-crash", managed: true }, { timeoutMs: ATTACH_MS })
+    .catch((err: unknown) => err);
+  await lab.step("managed attach to the hung VM: bound, not attached", BIND_MS, async () => {
+    const started = Date.now();
+    const state = await waitForHost(managed.bdf, (s) => s.driver === "vfio-pci" && hasGroupNode(managed.bdf), BIND_MS);
+    return { ...state, boundAfterMs: Date.now() - started, stateFiles: fs.readdirSync(STATE_DIR) };
+  });
+  await lab.step("vfiod killed mid-attach", STOP_MS, async () => {
+    first.child.kill("SIGKILL");
+    const exit = await first.exited;
+    if (exit.signal !== "SIGKILL") throw new Error(`exited with ${exit.exitCode ?? exit.signal}, not by SIGKILL`);
+    return exit;
+  });
+  await call;
+  first.client.close();
+}
+
+/** The lab's vfiod repaired the killed one's half-done bind before it listened. */
+async function repairedStep(lab: Recorder, config: LabConfig): Promise<void> {
+  const { managed } = config.devices;
+  await lab.step(
+    "restarted vfiod put the device back",
+    GUEST_MS,
+    async () => {
+      // The driver is back before vfiod listens; its interface may take a moment to register.
+      const state = await waitForHost(managed.bdf, (s) => s.driver === managed.hostDriver && s.interfaces.length > 0, GUEST_MS);
+      const line = vfiodLog(config, "vfiod.log").find((l) => l.msg === "managed binding: driver restored" && l.device === managed.bdf);
+      if (line === undefined) throw new Error("vfiod.log has no 'managed binding: driver restored' line for it");
+      return { ...state, stateFiles: fs.readdirSync(STATE_DIR), restoreMs: Number(line.ms), logLine: JSON.stringify(line) };
+    },
+    { keepGoing: true },
+  );
+}
+
+function writeInventory(config: LabConfig): void {
   const vms = Object.values(config.vms).map((vm) => ({ name: vm.name, hypervisor: "qemu", socket: vm.qmp }));
-  fs.writeFileSync(inventory, JSON.stringify({ vms }));
-  const log = fs.openSync(path.join(config.out, "vfiod.log"), "w");
-  const listen = `127.0.0.1:${VFIOD_PORT}`;
+  fs.writeFileSync(path.join(config.out, "inventory.json"), JSON.stringify({ vms }));
+}
+
+/** Every device the lab attaches, by vendor:device, and 00:1f.2 by BDF: the 00:1f group's others are outside. */
+function allowedDevices(config: LabConfig): string {
+  const { nic, nvme, spare, managed, nonViable } = config.devices;
+  return [nic, nvme, spare, managed].map((d) => d.vendorDevice).concat(nonViable).join(",");
+}
+
+async function startVfiod(lab: Recorder, step: StepName, port: number, extra: string[], logName: string): Promise<Vfiod> {
+  const config = lab.labConfig;
+  const inventory = path.join(config.out, "inventory.json");
+  const log = fs.openSync(path.join(config.out, logName), "w");
+  const listen = `127.0.0.1:${port}`;
   // An empty --cocoon-root: VMs of this machine's cocoon must not join the lab's inventory.
   const args = [
     path.join(CHECKOUT, "dist/src/main.js"),
     ...["--listen", listen, "--inventory", inventory, "--sysfs-root", "/"],
     ...["--detach-timeout", `${DETACH_TIMEOUT_MS / 1000}s`, "--cocoon-root", "/run/lab/no-cocoon"],
+    ...extra,
   ];
   const child = spawn(process.execPath, args, { stdio: ["ignore", log, log] });
   fs.closeSync(log);
   const exited = new Promise<{ exitCode: number | null; signal: string | null }>((resolve) =>
     child.once("exit", (exitCode, signal) => resolve({ exitCode, signal })),
   );
-  await lab.step("vfiod ready", READY_MS, async () => {
+  await lab.step(step, READY_MS, async () => {
     const deadline = Date.now() + READY_MS;
     let gone = false;
     void exited.then(() => (gone = true));
-    while (!(await accepts(VFIOD_PORT))) {
-      if (gone) throw new Error("vfiod exited before listening; see vfiod.log");
+    while (!(await accepts(port))) {
+      if (gone) throw new Error(`vfiod exited before listening; see ${logName}`);
       if (Date.now() > deadline) throw new Error(`not listening on ${listen} after ${READY_MS} ms`);
       await sleep(200);
     }
@@ -242,10 +423,10 @@ async function startVfiod(lab: Recorder, config: LabConfig): Promise<Vfiod> {
 }
 
 /** SIGTERM, which the contract says drains and exits 0. */
-async function stopVfiod(lab: Recorder, vfiod: Vfiod): Promise<void> {
+async function stopVfiod(lab: Recorder, vfiod: Vfiod, step: "vfiod stops" | "vfiod without --manage-binding stops"): Promise<void> {
   vfiod.client.close();
   await lab.step(
-    "vfiod stops",
+    step,
     STOP_MS,
     async () => {
       vfiod.child.kill("SIGTERM");
@@ -297,6 +478,67 @@ function fileSize(file: string): number {
   return fs.statSync(file).size;
 }
 
+/** A device's driver, override and interfaces, from L1's sysfs. */
+function hostState(bdf: string): HostDriverState {
+  const dir = `/sys/bus/pci/devices/${bdf}`;
+  let driver: string | null = null;
+  try {
+    driver = path.basename(fs.readlinkSync(path.join(dir, "driver")));
+  } catch {
+    // unbound
+  }
+  const override = fs.readFileSync(path.join(dir, "driver_override"), "utf8").trim();
+  const interfaces = fs.existsSync(path.join(dir, "net")) ? fs.readdirSync(path.join(dir, "net")).sort() : [];
+  return { bdf, driver, override, interfaces };
+}
+
+async function waitForHost(bdf: string, done: (state: HostDriverState) => boolean, ms: number): Promise<HostDriverState> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const state = hostState(bdf);
+    if (done(state)) return state;
+    if (Date.now() > deadline) throw new Error(`not as expected after ${ms} ms: ${JSON.stringify(state)}`);
+    await sleep(100);
+  }
+}
+
+function hasGroupNode(bdf: string): boolean {
+  const group = path.basename(fs.readlinkSync(`/sys/bus/pci/devices/${bdf}/iommu_group`));
+  return fs.existsSync(`/dev/vfio/${group}`);
+}
+
+/** `ip` from the machine's root (iproute2), failing loudly. */
+function ip(...args: string[]): void {
+  const run = spawnSync("ip", args, { encoding: "utf8" });
+  if (run.status !== 0) throw new Error(`ip ${args.join(" ")}: ${run.stderr.trim() || run.error?.message}`);
+}
+
+/** vfiod's JSON log lines. */
+function vfiodLog(config: LabConfig, name: string): Record<string, unknown>[] {
+  return fs
+    .readFileSync(path.join(config.out, name), "utf8")
+    .split("\n")
+    .filter((line) => line.startsWith("{"))
+    .map((line) => JSON.parse(line) as Record<string, unknown>);
+}
+
+interface Deferred {
+  readonly promise: Promise<void>;
+  resolve(): void;
+  reject(err: unknown): void;
+}
+
+function deferred(): Deferred {
+  let resolve!: () => void;
+  let reject!: (err: unknown) => void;
+  const promise = new Promise<void>((yes, no) => {
+    resolve = yes;
+    reject = no;
+  });
+  promise.catch(() => undefined);
+  return { promise, resolve, reject };
+}
+
 async function listed(c: DeviceClient, vm: string): Promise<{ devices: LabDevice[] }> {
   return { devices: (await c.list({ vm }, { timeoutMs: LIST_MS })).devices.map(plainDevice) };
 }
@@ -339,6 +581,15 @@ function printLatencies(result: LabResult | undefined): void {
       `l2fw ${of("attach spare to l2fw")}; guest sees ${of("L2 guest sees NIC")}/${of("L2 guest sees NVMe")}; ` +
       `detach NIC ${of("detach NIC")}, NVMe ${of("detach NVMe")}, l2fw (pending) ${of("detach from l2fw")}; ` +
       `guest lost ${of("L2 guest lost NIC")}/${of("L2 guest lost NVMe")}; refusal ${of("attach 00:1f.2 (non-viable group)")}`,
+  );
+  const m = result.managedTimings;
+  const ms = (value: number) => (value < 0 ? "-" : seconds(value));
+  print(
+    `managed binding: attach (bind + device_add) ${ms(m.attachMs)}; detach (device_del + restore) ${ms(m.detachMs)}; ` +
+      `back on ${result.config.devices.managed.hostDriver} with its interface ${ms(m.backOnHostDriverMs)} after Detach began; ` +
+      `bind alone ${ms(m.bindMs)}; restore at restart after a kill ${ms(m.repairRestoreMs)}; ` +
+      `guest sees ${of("L2 guest sees managed NIC")}; refusals: interface up ${of("managed attach while its interface is up")}, ` +
+      `outside allow-list ${of("managed attach outside --allow-devices")}, BINDING_DISABLED ${of("managed attach without --manage-binding")}`,
   );
 }
 

@@ -17,7 +17,9 @@ fail() {
 # ahci, lpc_ich and i2c-i801 keep 00:1f.0, 00:1f.2 and 00:1f.3 (one IOMMU group)
 # on host drivers, so the group is really non-viable once 00:1f.2 alone moves to
 # vfio-pci: the kernel counts a group whose members are all unbound as viable.
-for m in virtio_pci 9pnet_virtio 9p vfio_pci vfio_iommu_type1 ahci lpc_ich i2c_i801; do
+# e1000 drives the NIC a managed Attach takes and gives back (the chroot below
+# cannot load modules: its /lib/modules is this machine's).
+for m in virtio_pci 9pnet_virtio 9p vfio_pci vfio_iommu_type1 ahci lpc_ich i2c_i801 e1000; do
   modprobe "$m" || fail "modprobe $m"
 done
 # vfiod listens on 127.0.0.1 inside L1.

@@ -51,7 +51,7 @@ bind_vfio() {
   bound+=("$1 (group $group)")
 }
 
-NIC_ID=8086:10d3 NVME_ID=1b36:0010 SPARE_ID=8086:100e
+NIC_ID=8086:10d3 NVME_ID=1b36:0010 SPARE_ID=8086:100e MANAGED_ID=8086:100f
 # q35's AHCI controller, grouped with the LPC bridge and the SMBus controller.
 NONVIABLE=0000:00:1f.2
 t=$(now_ms)
@@ -61,6 +61,13 @@ SPARE=$(find_bdf $SPARE_ID)
 for bdf in "$NIC" "$NVME" "$SPARE" "$NONVIABLE"; do bind_vfio "$bdf"; done
 BIND_MS=$(($(now_ms) - t))
 say "bound to vfio-pci in $(seconds $BIND_MS): ${bound[*]}"
+# The NIC managed binding takes: left on its host driver, its interface down.
+MANAGED=$(find_bdf $MANAGED_ID)
+MANAGED_DRIVER=$(readlink "/sys/bus/pci/devices/$MANAGED/driver") || fail "$MANAGED ($MANAGED_ID) has no driver: is e1000 loaded?"
+MANAGED_DRIVER=${MANAGED_DRIVER##*/}
+MANAGED_IF=$(ls "/sys/bus/pci/devices/$MANAGED/net" 2>/dev/null | head -1)
+[ -n "$MANAGED_IF" ] || fail "$MANAGED on $MANAGED_DRIVER has no network interface"
+say "left on its host driver: $MANAGED ($MANAGED_ID) on $MANAGED_DRIVER, interface $MANAGED_IF"
 for m in /sys/bus/pci/devices/$NONVIABLE/iommu_group/devices/*; do
   drv=$(readlink "$m/driver") || fail "${m##*/} (group of $NONVIABLE) has no driver: the group would be viable"
   say "group of $NONVIABLE: ${m##*/} on ${drv##*/}"
@@ -93,11 +100,13 @@ cat >"$LAB/lab.json" <<EOF
     "nic": { "bdf": "$NIC", "vendorDevice": "$NIC_ID" },
     "nvme": { "bdf": "$NVME", "vendorDevice": "$NVME_ID" },
     "spare": { "bdf": "$SPARE", "vendorDevice": "$SPARE_ID" },
+    "managed": { "bdf": "$MANAGED", "vendorDevice": "$MANAGED_ID", "hostDriver": "$MANAGED_DRIVER", "interface": "$MANAGED_IF" },
     "nonViable": "$NONVIABLE"
   },
   "vms": {
     "boot": { "name": "l2", "qmp": "$LAB/l2.qmp", "serial": "$OUT/l2-serial.log" },
-    "firmware": { "name": "l2fw", "qmp": "$LAB/l2fw.qmp" }
+    "firmware": { "name": "l2fw", "qmp": "$LAB/l2fw.qmp" },
+    "hung": { "name": "hung", "qmp": "$LAB/hung.qmp" }
   },
   "l2StartedAtMs": $L2_STARTED_MS,
   "timings": { "l1BootMs": $L1_BOOT_MS, "bindMs": $BIND_MS }

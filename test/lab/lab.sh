@@ -1,7 +1,8 @@
 #!/bin/bash
 # vfiod's VFIO lab, host side (L0): a real vfio-pci hot-plug on a machine without
 # VFIO hardware. L1 is a TCG guest with an emulated IOMMU; inside it the emulated
-# NIC, NVMe and spare NIC are bound to vfio-pci, two L2 QEMUs run, and
+# NIC, NVMe and spare NIC are bound to vfio-pci (a fourth NIC stays on e1000 for
+# managed binding), two L2 QEMUs run, and
 # dist/test/lab/l1-driver.js drives a real vfiod over gRPC against them.
 # This machine's own PCI devices are never touched. See README.md here.
 #
@@ -85,9 +86,10 @@ mkinitramfs() {
   (cd "$s" && find . | "$BB" cpio -o -H newc 2>/dev/null) >"$3"
 }
 
-# The L1 modules: 9p for the shares, vfio-pci, and ahci + lpc_ich + i2c-i801 so the
-# 00:1f.* group is held by host drivers (see l1-init.sh).
-L1_MODULES="virtio_pci 9pnet_virtio 9p vfio_pci vfio_iommu_type1 ahci lpc_ich i2c_i801"
+# The L1 modules: 9p for the shares, vfio-pci, ahci + lpc_ich + i2c-i801 so the
+# 00:1f.* group is held by host drivers (see l1-init.sh), and e1000 for the NIC that
+# stays on its host driver until a managed Attach binds it.
+L1_MODULES="virtio_pci 9pnet_virtio 9p vfio_pci vfio_iommu_type1 ahci lpc_ich i2c_i801 e1000"
 
 build() {
   local kv s
@@ -165,6 +167,7 @@ run() {
     -drive "file=$WORK/nvme.img,if=none,id=nvme0,format=raw" \
     -device nvme,drive=nvme0,serial=vfiodlab,bus=pcie.0,addr=0x11 \
     -device e1000,bus=pcie.0,addr=0x12 \
+    -device e1000-82545em,bus=pcie.0,addr=0x13 \
     2>"$OUT/l1-qemu.log" &
   local l1=$! rc=0
   # Stopped early (lab.test.ts's watchdog, Ctrl-C), take L1 down too: timeout hands

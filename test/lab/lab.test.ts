@@ -206,6 +206,73 @@ describeLab(`VFIO lab${skip === undefined ? "" : ` (skipped: ${skip})`}`, () => 
     must(listed.includes(spare.bdf), `l2fw lists ${listed.join(", ") || "nothing"}, want ${spare.bdf} still there`);
   });
 
+  describe("managed binding (vfiod --manage-binding, AttachRequest.managed), on L1's real kernel", () => {
+    const refusal = (name: StepName, reason: string) => {
+      const s = step(name);
+      const f = s.failure;
+      must(f !== undefined, `"${name}" was not refused: ${s.error ?? JSON.stringify(s.value)}`);
+      must(f.code === status.FAILED_PRECONDITION || reason === "DEVICE_NOT_ALLOWED", `refused with ${status[f.code]}: ${f.details}`);
+      must(f.reason === reason, `refused with reason ${f.reason}, want ${reason}: ${f.details}`);
+      return f;
+    };
+
+    test("without --manage-binding, a managed Attach is BINDING_DISABLED and the NIC keeps its host driver", () => {
+      refusal("managed attach without --manage-binding", "BINDING_DISABLED");
+      const { managed } = result().config.devices;
+      const state = value("device untouched after BINDING_DISABLED");
+      must(state.driver === managed.hostDriver && state.override === "(null)", `changed: ${JSON.stringify(state)}`);
+    });
+
+    test("a managed Attach of the NIC while its interface is up is DEVICE_BUSY_ON_HOST, naming the interface", () => {
+      const { managed } = result().config.devices;
+      const f = refusal("managed attach while its interface is up", "DEVICE_BUSY_ON_HOST");
+      must(/network interface \S+ is up/.test(f.details) && f.details.includes(managed.bdf), `the refusal does not name the interface: ${f.details}`);
+    });
+
+    test("a managed Attach of a device outside --allow-devices is refused before anything is written: its driver and override unchanged", () => {
+      const f = step("managed attach outside --allow-devices").failure;
+      must(f !== undefined && f.code === status.PERMISSION_DENIED && f.reason === "DEVICE_NOT_ALLOWED", `not DEVICE_NOT_ALLOWED: ${JSON.stringify(f)}`);
+      const { before, after } = value("device outside --allow-devices untouched");
+      must(before.driver !== null && after.driver === before.driver, `driver ${before.driver} -> ${after.driver}`);
+      must(after.override === before.override, `driver_override ${before.override} -> ${after.override}`);
+    });
+
+    test("vfiod killed between the bind and the attach: the restarted vfiod puts the NIC back on its driver before it serves", () => {
+      const { managed } = result().config.devices;
+      const bound = value("managed attach to the hung VM: bound, not attached");
+      must(bound.driver === "vfio-pci", `before the kill the NIC was on ${bound.driver}`);
+      must(bound.stateFiles.includes(`${managed.bdf}.json`), `no state record before the kill: ${bound.stateFiles.join(", ")}`);
+      must(value("vfiod killed mid-attach").signal === "SIGKILL", "vfiod was not killed by SIGKILL");
+      const back = value("restarted vfiod put the device back");
+      must(back.driver === managed.hostDriver, `after the restart the NIC is on ${back.driver}, want ${managed.hostDriver}`);
+      must(back.interfaces.length > 0, "its network interface did not come back");
+      must(back.stateFiles.length === 0, `records left: ${back.stateFiles.join(", ")}`);
+    });
+
+    test("a managed Attach binds the NIC from its host driver to vfio-pci, and the L2 guest sees it where vfiod says", () => {
+      const { managed } = result().config.devices;
+      const { device } = value("managed attach NIC");
+      must(device.bdf === managed.bdf, `Attach returned ${device.bdf}, want ${managed.bdf}`);
+      must(value("managed NIC on vfio-pci in L1").driver === "vfio-pci", "not on vfio-pci in L1 after the attach");
+      const seen = value("L2 guest sees managed NIC");
+      must(device.guestBdf === seen.guestBdf, `vfiod says ${device.guestBdf}; the guest printed "${seen.line}"`);
+    });
+
+    test("Detach hands the NIC back: L1's driver owns it again and its interface reappears; the guest saw it go", () => {
+      const { managed } = result().config.devices;
+      must(step("managed detach NIC").ok, `Detach failed: ${step("managed detach NIC").error}`);
+      const back = value("L1 driver owns managed NIC again");
+      must(back.driver === managed.hostDriver && back.interfaces.length > 0, `after Detach: ${JSON.stringify(back)}`);
+      must(back.override === "(null)", `driver_override left as ${back.override}`);
+      value("L2 guest lost managed NIC");
+      const t = result().managedTimings;
+      process.stdout.write(
+        `managed binding timings: attach ${t.attachMs} ms, detach with restore ${t.detachMs} ms, ` +
+          `back on ${managed.hostDriver} with its interface ${t.backOnHostDriverMs} ms, bind ${t.bindMs} ms, restore at restart ${t.repairRestoreMs} ms\n`,
+      );
+    });
+  });
+
   test("vfiod drains and exits 0 on SIGTERM", () => {
     const s = step("vfiod stops");
     must(s.ok, `vfiod: ${s.error}`);

@@ -9,6 +9,14 @@ export interface LabPciDevice {
   vendorDevice: string;
 }
 
+/** The NIC l1-main.sh leaves on its host driver, for managed binding. */
+export interface LabHostDevice extends LabPciDevice {
+  /** Its driver in L1 ("e1000"). */
+  hostDriver: string;
+  /** Its network interface in L1, as the driver named it at boot. */
+  interface: string;
+}
+
 /** lab.json. */
 export interface LabConfig {
   /** The writable output directory (on the work share). */
@@ -20,12 +28,16 @@ export interface LabConfig {
     spare: LabPciDevice;
     /** On vfio-pci while the rest of its IOMMU group stays on host drivers. */
     nonViable: string;
+    /** On its host driver: a managed Attach binds it, Detach gives it back. */
+    managed: LabHostDevice;
   };
   vms: {
     /** The L2 that boots a busybox guest reporting PCI hot-plug on its console. */
     boot: { name: string; qmp: string; serial: string };
     /** The L2 that runs firmware only: nothing ever acks an unplug. */
     firmware: { name: string; qmp: string };
+    /** No QEMU: the driver serves a socket that never greets, so an attach to it hangs. */
+    hung: { name: string; qmp: string };
   };
   /** When the booting L2's QEMU was started (ms since the epoch, L1's clock). */
   l2StartedAtMs: number;
@@ -47,9 +59,37 @@ export interface GuestLine {
   line: string;
 }
 
+/** A host device as L1's sysfs shows it. */
+export interface HostDriverState {
+  bdf: string;
+  /** Bound driver, null when none. */
+  driver: string | null;
+  /** driver_override as read ("(null)" when unset). */
+  override: string;
+  /** Its network interfaces (net/). */
+  interfaces: string[];
+}
+
 /** What each step saw when it went as planned (a refusal's is in `failure`). */
 export interface StepValues {
   "vfiod ready": { pid: number };
+  "vfiod ready (to be killed)": { pid: number };
+  "vfiod ready (without --manage-binding)": { pid: number };
+  "managed attach without --manage-binding": { device: LabDevice };
+  "device untouched after BINDING_DISABLED": HostDriverState;
+  "vfiod without --manage-binding stops": { exitCode: number | null; signal: string | null };
+  "managed attach to the hung VM: bound, not attached": HostDriverState & { boundAfterMs: number; stateFiles: string[] };
+  "vfiod killed mid-attach": { exitCode: number | null; signal: string | null };
+  "restarted vfiod put the device back": HostDriverState & { stateFiles: string[]; restoreMs: number; logLine: string };
+  "managed attach while its interface is up": { device: LabDevice };
+  "managed attach outside --allow-devices": { device: LabDevice };
+  "device outside --allow-devices untouched": { before: HostDriverState; after: HostDriverState };
+  "managed attach NIC": { device: LabDevice };
+  "managed NIC on vfio-pci in L1": HostDriverState;
+  "L2 guest sees managed NIC": GuestLine;
+  "managed detach NIC": Record<string, never>;
+  "L1 driver owns managed NIC again": HostDriverState & { waitedMs: number };
+  "L2 guest lost managed NIC": GuestLine;
   "list l2 before attach": { devices: LabDevice[] };
   "attach 00:1f.2 (non-viable group)": { device: LabDevice };
   "L2 guest booted": { line: string };
@@ -107,5 +147,20 @@ export interface LabResult {
   companions: string[];
   /** vfiod's --detach-timeout, in ms. */
   detachTimeoutMs: number;
+  /** Managed binding's timings, for the record (ms; -1 when the step did not run as planned). */
+  managedTimings: ManagedTimings;
   steps: Step[];
+}
+
+export interface ManagedTimings {
+  /** The managed Attach call: bind to vfio-pci and device_add. */
+  attachMs: number;
+  /** The Detach call: device_del, DEVICE_DELETED, and the host driver restored. */
+  detachMs: number;
+  /** From the Detach call to the host driver's interface back in L1. */
+  backOnHostDriverMs: number;
+  /** From the Attach call to the device on vfio-pci, when the attach then hung. */
+  bindMs: number;
+  /** The restarted vfiod's restore of the device it found half-done. */
+  repairRestoreMs: number;
 }

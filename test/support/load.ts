@@ -101,6 +101,9 @@ export const CONTRACT_STATUSES: ReadonlySet<string> = new Set([
   "ABORTED/VM_BUSY",
   "FAILED_PRECONDITION/HYPERVISOR_ERROR",
   "INTERNAL/HYPERVISOR_ERROR",
+  // Managed binding (AttachRequest.managed): random bytes can set it.
+  "FAILED_PRECONDITION/BINDING_DISABLED",
+  "FAILED_PRECONDITION/DEVICE_BUSY_ON_HOST",
 ]);
 
 /** What a finished call came to: "OK", or "<CODE>/<reason>" ("<CODE>/-" without an ErrorInfo). */

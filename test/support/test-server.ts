@@ -14,7 +14,7 @@ import type { VfiodServerOptions } from "../../src/grpc/server";
 import type { DeviceAllowList } from "../../src/host/device-allow-list";
 import type { CocoonBinaries } from "../../src/inventory/cocoon";
 import { silentLogger, type Logger } from "../../src/log";
-import { assembleVfiod, type Vfiod } from "../../src/vfiod";
+import { assembleVfiod, type ManagedBindingOptions, type Vfiod } from "../../src/vfiod";
 
 export interface TestServerOptions {
   inventoryFile?: string;
@@ -31,6 +31,8 @@ export interface TestServerOptions {
   allowList?: DeviceAllowList;
   server?: VfiodServerOptions;
   log?: Logger;
+  /** --manage-binding with --state-dir: repaired and watched as the process does. */
+  binding?: ManagedBindingOptions;
 }
 
 export interface TestServer {
@@ -57,10 +59,13 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
     allowList: options.allowList,
     backends: options.backends,
     server: options.server,
+    binding: options.binding,
   });
+  await vfiod.binding?.repair();
   const { server } = vfiod.server;
   const port = await promisify(server.bindAsync.bind(server))("127.0.0.1:0", grpc.ServerCredentials.createInsecure());
   if (options.refreshIntervalMs !== undefined) vfiod.refresher.start();
+  vfiod.binding?.start();
   vfiod.server.markServing();
   const address = `127.0.0.1:${port}`;
   const client = createDeviceClient(address);
@@ -72,6 +77,7 @@ export async function startTestServer(options: TestServerOptions): Promise<TestS
     vfiod,
     stop: async () => {
       vfiod.refresher.stop();
+      vfiod.binding?.stop();
       client.close();
       inventory.close();
       // Open streams (a Watch a failed test did not cancel) would hold a graceful shutdown forever.

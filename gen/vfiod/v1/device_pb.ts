@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file vfiod/v1/device.proto.
  */
 export const file_vfiod_v1_device: GenFile = /*@__PURE__*/
-  fileDesc("ChV2ZmlvZC92MS9kZXZpY2UucHJvdG8SCHZmaW9kLnYxIkkKDUF0dGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCwoDcGNpGAIgASgJEgoKAmlkGAMgASgJEhMKC3dob2xlX2dyb3VwGAQgASgIIlgKDkF0dGFjaFJlc3BvbnNlEiAKBmRldmljZRgBIAEoCzIQLnZmaW9kLnYxLkRldmljZRIkCgpjb21wYW5pb25zGAIgAygLMhAudmZpb2QudjEuRGV2aWNlIjwKDURldGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCgoCaWQYAiABKAkSEwoLd2hvbGVfZ3JvdXAYAyABKAgiEAoORGV0YWNoUmVzcG9uc2UiGQoLTGlzdFJlcXVlc3QSCgoCdm0YASABKAkiMQoMTGlzdFJlc3BvbnNlEiEKB2RldmljZXMYASADKAsyEC52ZmlvZC52MS5EZXZpY2UiQgoGRGV2aWNlEgoKAmlkGAEgASgJEgsKA2JkZhgCIAEoCRIMCgRwYXRoGAMgASgJEhEKCWd1ZXN0X2JkZhgEIAEoCSIaCgxXYXRjaFJlcXVlc3QSCgoCdm0YASABKAki6gIKCldhdGNoRXZlbnQSJwoEa2luZBgBIAEoDjIZLnZmaW9kLnYxLldhdGNoRXZlbnQuS2luZBIKCgJ2bRgCIAEoCRIgCgZkZXZpY2UYAyABKAsyEC52ZmlvZC52MS5EZXZpY2USKAoEdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDgoGZGV0YWlsGAUgASgJIsoBCgRLaW5kEhQKEEtJTkRfVU5TUEVDSUZJRUQQABIQCgxLSU5EX1BSRVNFTlQQARIPCgtLSU5EX1NZTkNFRBACEhEKDUtJTkRfQVRUQUNIRUQQAxIZChVLSU5EX0RFVEFDSF9SRVFVRVNURUQQBBIXChNLSU5EX0RFVEFDSF9QRU5ESU5HEAUSEQoNS0lORF9ERVRBQ0hFRBAGEhUKEUtJTkRfRFJJVkVSX0JPVU5EEAcSGAoUS0lORF9EUklWRVJfUkVTVE9SRUQQCDL5AQoNRGV2aWNlU2VydmljZRI7CgZBdHRhY2gSFy52ZmlvZC52MS5BdHRhY2hSZXF1ZXN0GhgudmZpb2QudjEuQXR0YWNoUmVzcG9uc2USOwoGRGV0YWNoEhcudmZpb2QudjEuRGV0YWNoUmVxdWVzdBoYLnZmaW9kLnYxLkRldGFjaFJlc3BvbnNlEjUKBExpc3QSFS52ZmlvZC52MS5MaXN0UmVxdWVzdBoWLnZmaW9kLnYxLkxpc3RSZXNwb25zZRI3CgVXYXRjaBIWLnZmaW9kLnYxLldhdGNoUmVxdWVzdBoULnZmaW9kLnYxLldhdGNoRXZlbnQwAWIGcHJvdG8z", [file_google_protobuf_timestamp]);
+  fileDesc("ChV2ZmlvZC92MS9kZXZpY2UucHJvdG8SCHZmaW9kLnYxIloKDUF0dGFjaFJlcXVlc3QSCgoCdm0YASABKAkSCwoDcGNpGAIgASgJEgoKAmlkGAMgASgJEhMKC3dob2xlX2dyb3VwGAQgASgIEg8KB21hbmFnZWQYBSABKAgiWAoOQXR0YWNoUmVzcG9uc2USIAoGZGV2aWNlGAEgASgLMhAudmZpb2QudjEuRGV2aWNlEiQKCmNvbXBhbmlvbnMYAiADKAsyEC52ZmlvZC52MS5EZXZpY2UiPAoNRGV0YWNoUmVxdWVzdBIKCgJ2bRgBIAEoCRIKCgJpZBgCIAEoCRITCgt3aG9sZV9ncm91cBgDIAEoCCIQCg5EZXRhY2hSZXNwb25zZSIZCgtMaXN0UmVxdWVzdBIKCgJ2bRgBIAEoCSIxCgxMaXN0UmVzcG9uc2USIQoHZGV2aWNlcxgBIAMoCzIQLnZmaW9kLnYxLkRldmljZSJCCgZEZXZpY2USCgoCaWQYASABKAkSCwoDYmRmGAIgASgJEgwKBHBhdGgYAyABKAkSEQoJZ3Vlc3RfYmRmGAQgASgJIhoKDFdhdGNoUmVxdWVzdBIKCgJ2bRgBIAEoCSLqAgoKV2F0Y2hFdmVudBInCgRraW5kGAEgASgOMhkudmZpb2QudjEuV2F0Y2hFdmVudC5LaW5kEgoKAnZtGAIgASgJEiAKBmRldmljZRgDIAEoCzIQLnZmaW9kLnYxLkRldmljZRIoCgR0aW1lGAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZkZXRhaWwYBSABKAkiygEKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhAKDEtJTkRfUFJFU0VOVBABEg8KC0tJTkRfU1lOQ0VEEAISEQoNS0lORF9BVFRBQ0hFRBADEhkKFUtJTkRfREVUQUNIX1JFUVVFU1RFRBAEEhcKE0tJTkRfREVUQUNIX1BFTkRJTkcQBRIRCg1LSU5EX0RFVEFDSEVEEAYSFQoRS0lORF9EUklWRVJfQk9VTkQQBxIYChRLSU5EX0RSSVZFUl9SRVNUT1JFRBAIMvkBCg1EZXZpY2VTZXJ2aWNlEjsKBkF0dGFjaBIXLnZmaW9kLnYxLkF0dGFjaFJlcXVlc3QaGC52ZmlvZC52MS5BdHRhY2hSZXNwb25zZRI7CgZEZXRhY2gSFy52ZmlvZC52MS5EZXRhY2hSZXF1ZXN0GhgudmZpb2QudjEuRGV0YWNoUmVzcG9uc2USNQoETGlzdBIVLnZmaW9kLnYxLkxpc3RSZXF1ZXN0GhYudmZpb2QudjEuTGlzdFJlc3BvbnNlEjcKBVdhdGNoEhYudmZpb2QudjEuV2F0Y2hSZXF1ZXN0GhQudmZpb2QudjEuV2F0Y2hFdmVudDABYgZwcm90bzM", [file_google_protobuf_timestamp]);
 
 /**
  * AttachRequest names a VM and a host PCI device.
@@ -57,6 +57,20 @@ export type AttachRequest = Message<"vfiod.v1.AttachRequest"> & {
    * @generated from field: bool whole_group = 4;
    */
   wholeGroup: boolean;
+
+  /**
+   * The device (with whole_group: every endpoint of its IOMMU group) may be on
+   * a host driver: vfiod checks that the host is not using it (no mounted or
+   * swapped-on disk, no holder, no interface up, not the boot VGA device, no
+   * process holding its device nodes), remembers the driver it had, binds it to
+   * vfio-pci (or a vfio-pci variant driver for it), then attaches it. If the
+   * attach fails, the driver it had is restored. Detach restores that driver
+   * once the hypervisor has released the device. Needs vfiod --manage-binding;
+   * otherwise FAILED_PRECONDITION (BINDING_DISABLED).
+   *
+   * @generated from field: bool managed = 5;
+   */
+  managed: boolean;
 };
 
 /**
@@ -397,7 +411,9 @@ export const DeviceService: GenService<{
   },
   /**
    * Detach asks the VM to release a device and waits, bounded, until the guest
-   * has let it go. DETACH_PENDING means the removal stays requested.
+   * has let it go. DETACH_PENDING means the removal stays requested. A device
+   * attached with managed gets the host driver it had back once released (at
+   * once, or when a pending removal completes).
    *
    * @generated from rpc vfiod.v1.DeviceService.Detach
    */
