@@ -8,22 +8,24 @@ import { abortedError, Code, VfiodError } from "./errors";
 export const DEFAULT_HYPERVISOR_TIMEOUT_MS = 30_000;
 
 /**
- * Runs `fn` with the caller's signal, bounded by `ms`.
+ * Runs `fn` with the caller's signal (none for a read shared by several callers,
+ * which only vfiod's bound ends), bounded by `ms`.
  * @throws HYPERVISOR_UNAVAILABLE (DEADLINE_EXCEEDED) naming the bound when it, not
  *   the caller, ended the wait; abortedError when the caller had already given up.
  */
 export async function withinBound<T>(
-  signal: AbortSignal,
+  signal: AbortSignal | undefined,
   ms: number,
   what: string,
   fn: (bounded: AbortSignal) => Promise<T>,
 ): Promise<T> {
-  if (signal.aborted) throw abortedError(signal, what);
+  const callerGone = (): boolean => signal?.aborted === true;
+  if (signal !== undefined && callerGone()) throw abortedError(signal, what);
   const bound = AbortSignal.timeout(ms);
   try {
-    return await fn(AbortSignal.any([signal, bound]));
+    return await fn(signal === undefined ? bound : AbortSignal.any([signal, bound]));
   } catch (err) {
-    if (!bound.aborted || signal.aborted) throw err;
+    if (!bound.aborted || callerGone()) throw err;
     throw new VfiodError("HYPERVISOR_UNAVAILABLE", `${what}: no answer within ${ms / 1000} s (vfiod's --hypervisor-timeout)`, {
       code: Code.DEADLINE_EXCEEDED,
       cause: err,

@@ -126,11 +126,20 @@ function deadlineOf(call: ServerCall): number | undefined {
   return Number.isFinite(at) ? at : undefined;
 }
 
-/** An AbortSignal that follows the call's deadline (reason TimeoutError) and its cancellation (AbortError). */
-export function callSignal(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerWritableStream<Message, Message>): AbortSignal {
+/**
+ * An AbortSignal that follows the call's deadline (reason TimeoutError) and its
+ * cancellation (AbortError) until `settled()`: grpc-js reports every call that
+ * ends, however it ended, as "cancelled" once its status is sent.
+ */
+export function callSignal(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerWritableStream<Message, Message>): {
+  signal: AbortSignal;
+  settled(): void;
+} {
   const at = deadlineOf(call) ?? Infinity;
   const cancelled = new AbortController();
+  let done = false;
   call.once("cancelled", () => {
+    if (done) return;
     const atDeadline = Number.isFinite(at) && at - Date.now() <= DEADLINE_SKEW_MS;
     cancelled.abort(
       atDeadline
@@ -141,11 +150,10 @@ export function callSignal(call: grpc.ServerUnaryCall<Message, Message> | grpc.S
   const signal = Number.isFinite(at)
     ? AbortSignal.any([cancelled.signal, AbortSignal.timeout(Math.max(0, at - Date.now()))])
     : cancelled.signal;
-  // Every hypervisor request of the call listens on this one signal; an Attach asks
-  // every other VM at once whether it holds the device, so past 10 VMs Node would
-  // print a MaxListenersExceededWarning ("possible memory leak") on every Attach.
+  // The call's waits (locks, shared reads, hypervisor requests, a watch) all listen on
+  // this one signal: more than Node's default of 10 is not a leak.
   setMaxListeners(0, signal);
-  return signal;
+  return { signal, settled: () => (done = true) };
 }
 
 /**
@@ -180,9 +188,16 @@ function failedStatus(err: unknown, trailers: grpc.Metadata, toStatus: ErrorToSt
 function unary(method: DescMethod, handler: UnaryHandler<DescMethod>, toStatus: ErrorToStatus): grpc.handleUnaryCall<Message, Message> {
   return (call, callback) => {
     const trailers = new grpc.Metadata();
-    handler(call.request as never, { signal: callSignal(call), call, trailers, deadline: deadlineOf(call) }).then(
-      (response) => callback(null, create(method.output, response as never), trailers),
-      (err: unknown) => callback(failedStatus(err, trailers, toStatus)),
+    const { signal, settled } = callSignal(call);
+    handler(call.request as never, { signal, call, trailers, deadline: deadlineOf(call) }).then(
+      (response) => {
+        settled();
+        callback(null, create(method.output, response as never), trailers);
+      },
+      (err: unknown) => {
+        settled();
+        callback(failedStatus(err, trailers, toStatus));
+      },
     );
   };
 }
@@ -194,7 +209,7 @@ function serverStream(
 ): grpc.handleServerStreamingCall<Message, Message> {
   return (call) => {
     const trailers = new grpc.Metadata();
-    const signal = callSignal(call);
+    const { signal, settled } = callSignal(call);
     const sink: StreamSink<DescMethod> = {
       write: (message) => call.write(create(method.output, message as never)),
       drained: () =>
@@ -210,8 +225,14 @@ function serverStream(
         }),
     };
     handler(call.request as never, { signal, call, trailers, deadline: deadlineOf(call) }, sink).then(
-      () => call.end(trailers),
-      (err: unknown) => call.emit("error", failedStatus(err, trailers, toStatus)),
+      () => {
+        settled();
+        call.end(trailers);
+      },
+      (err: unknown) => {
+        settled();
+        call.emit("error", failedStatus(err, trailers, toStatus));
+      },
     );
   };
 }

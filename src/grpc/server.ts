@@ -140,10 +140,14 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
       context.call.sendMetadata(echoed);
       context.trailers.set(REQUEST_ID_KEY, requestId);
       const caller = callerOf(context.call);
+      let callLog: Logger | undefined;
       const call: Call = {
         signal: context.signal,
         waitSignal: waitSignalFor(context.signal, context.deadline),
-        log: log.child({ requestId }),
+        // Made when first used: most calls log only their one closing line.
+        get log() {
+          return (callLog ??= log.child({ requestId }));
+        },
         facts: {},
       };
       let outcome = "OK";
@@ -163,15 +167,15 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
         const { facts } = call;
         // The outcome stands, but the caller left first and saw its deadline or cancel instead.
         const gaveUp = context.signal.aborted ? { callerGaveUp: true } : {};
-        const fields = { method, caller: caller.identity, ...(vmRef === undefined ? {} : { vmRef }), ...facts, ms, ...gaveUp };
+        const fields = { requestId, method, caller: caller.identity, ...(vmRef === undefined ? {} : { vmRef }), ...facts, ms, ...gaveUp };
         if (failure === undefined) {
-          if (MUTATIONS.has(method)) call.log.info(fields, `${method} done`);
-          else call.log.debug(fields, `${method} done`);
+          if (MUTATIONS.has(method)) log.info(fields, `${method} done`);
+          else log.debug(fields, `${method} done`);
         } else if (failure instanceof VfiodError) {
           const level = failure.code === Code.INTERNAL || failure.code === Code.UNAVAILABLE ? "warn" : "info";
-          call.log[level]({ ...fields, reason: failure.reason, code: grpc.status[code], message: failure.message }, `${method} refused`);
+          log[level]({ ...fields, reason: failure.reason, code: grpc.status[code], message: failure.message }, `${method} refused`);
         } else {
-          call.log.error({ ...fields, err: failure }, `${method} failed: internal error`);
+          log.error({ ...fields, err: failure }, `${method} failed: internal error`);
         }
         if (method === "Attach" || method === "Detach") {
           const entry: AuditEntry = {
@@ -191,7 +195,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
           try {
             options.audit?.record(entry);
           } catch (err) {
-            call.log.error({ err, entry }, "cannot write the audit log");
+            log.error({ err, entry }, "cannot write the audit log");
           }
         }
       }

@@ -43,6 +43,15 @@ export interface VfioNodes {
 /** Processes scanned between two yields to the event loop. */
 const PIDS_PER_TURN = 32;
 
+/** Whether this kernel reports a process's open files as the size of /proc/<pid>/fd (6.2+): vfiod has some open. */
+const KERNEL_COUNTS_OPEN_FILES = (() => {
+  try {
+    return fs.statSync("/proc/self/fd").size > 0;
+  } catch {
+    return false;
+  }
+})();
+
 export class VfioHolders {
   private readonly scans = new FreshReads<Map<string, number[]>>();
   /** What the last scan found in each process: its open-file count, and the VFIO nodes among them. */
@@ -90,12 +99,9 @@ export class VfioHolders {
   nodesOf(device: PciAddress): VfioNodes {
     const dir = path.join(pciDevicesDir(this.hostRoot), device.bdf);
     const group = readLinkName(path.join(dir, "iommu_group"));
-    let cdevs: string[] = [];
-    try {
-      cdevs = fs.readdirSync(path.join(dir, "vfio-dev"));
-    } catch {
-      // not bound to a VFIO driver, or a kernel without device cdevs
-    }
+    // Absent unless bound to a VFIO driver on a kernel with device cdevs.
+    const cdevDir = path.join(dir, "vfio-dev");
+    const cdevs = fs.existsSync(cdevDir) ? fs.readdirSync(cdevDir) : [];
     return {
       group,
       nodes: [...(group === undefined ? [] : [`/dev/vfio/${group}`]), ...cdevs.map((name) => `/dev/vfio/devices/${name}`)],
@@ -160,9 +166,11 @@ export class VfioHolders {
    * async stat or readlink costs a thread-pool round trip each, tens of times the syscall.
    */
   private async eachProcess(visit: (pid: string) => void): Promise<void> {
+    // vfiod itself holds no device node open, and its own open files change with every call.
+    const self = String(process.pid);
     let pids: string[];
     try {
-      pids = fs.readdirSync(this.procRoot).filter((name) => /^[1-9][0-9]*$/.test(name));
+      pids = fs.readdirSync(this.procRoot).filter((name) => /^[1-9][0-9]*$/.test(name) && name !== self);
     } catch {
       return;
     }
@@ -174,15 +182,20 @@ export class VfioHolders {
 
   /** The VFIO nodes process `pid` has open: read again only when its open-file count changed. */
   private nodesHeldBy(pid: string): readonly string[] {
-    let count: number;
+    let count: number | undefined;
     try {
-      count = fs.statSync(path.join(this.procRoot, pid, "fd")).size;
+      count = fs.statSync(path.join(this.procRoot, pid, "fd"), { throwIfNoEntry: false })?.size;
     } catch {
+      count = undefined; // not ours to read
+    }
+    if (count === undefined) {
       this.seen.delete(pid);
       return []; // exited, or not ours to read
     }
+    // Kernels before 6.2 report 0 for every process: no shortcut there. On later ones 0
+    // means none (kernel threads), so there is nothing to read.
+    if (count === 0 && KERNEL_COUNTS_OPEN_FILES) return [];
     const last = this.seen.get(pid);
-    // A count of 0 is what kernels before 6.2 report for every process: no shortcut there.
     if (last !== undefined && count !== 0 && last.count === count) return last.nodes;
     const nodes = [...new Set(this.openFiles(pid).filter(isVfioNode))];
     this.seen.set(pid, { count, nodes });

@@ -73,15 +73,16 @@ class WatchedFile<T> {
   }
 
   private async refresh(): Promise<FileState<T>> {
-    let stat: Stats;
+    let stat: Stats | undefined;
     try {
-      // Every call looks: a synchronous stat is a syscall, an async one a thread-pool round trip.
-      stat = fs.statSync(this.path);
+      // Every call looks: a synchronous stat is a syscall, an async one a thread-pool round
+      // trip; and a missing file (the common case) answers without building an exception.
+      stat = fs.statSync(this.path, { throwIfNoEntry: false });
     } catch (err) {
       const code = errnoOf(err);
-      if (code === "ENOENT") return this.settle(undefined, NO_FILE);
       return this.version === code ? this.state : this.fail(code, err);
     }
+    if (stat === undefined) return this.settle(undefined, NO_FILE);
     const version = `${stat.ino}:${stat.size}:${stat.mtimeMs}`;
     if (version === this.version) return this.state;
     if (!stat.isFile()) return this.fail(version, new Error("not a regular file"));
@@ -223,12 +224,7 @@ export class Inventory {
   }
 
   private async metaDbExists(): Promise<boolean> {
-    if (this.metaDb === undefined) return false;
-    try {
-      fs.statSync(this.metaDb);
-    } catch {
-      return false;
-    }
+    if (this.metaDb === undefined || fs.statSync(this.metaDb, { throwIfNoEntry: false }) === undefined) return false;
     if (!this.metaDbLogged) {
       this.metaDbLogged = true;
       this.log.warn(

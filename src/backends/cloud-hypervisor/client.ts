@@ -151,14 +151,6 @@ const IDLE_POOL_MS = 60_000;
 const RETRY_FIRST_MS = 20;
 const RETRY_MAX_MS = 500;
 
-/**
- * A signal that never aborts: shared reads are bounded by vfiod's own limit only.
- * A new one per read: Node 20's AbortSignal.any() keeps a reference to every
- * signal it made in each source signal for as long as the source lives, so one
- * long-lived source would grow by one entry per read, forever.
- */
-const neverAborts = () => new AbortController().signal;
-
 interface SocketState {
   readonly pool: Pool;
   lastUsed: number;
@@ -208,8 +200,8 @@ export class CloudHypervisorSockets {
    * One vm.info read shared by every caller that arrived before it was sent. It
    * runs on vfiod's bound alone: a caller that gives up leaves it to the others.
    */
-  sharedInfo(socketPath: string, signal: AbortSignal, what: string, read: (unbounded: AbortSignal) => Promise<ChVmInfo>): Promise<ChVmInfo> {
-    return this.infoReads.read(socketPath, signal, what, () => read(neverAborts()));
+  sharedInfo(socketPath: string, signal: AbortSignal, what: string, read: () => Promise<ChVmInfo>): Promise<ChVmInfo> {
+    return this.infoReads.read(socketPath, signal, what, read);
   }
 
   /**
@@ -300,8 +292,8 @@ export class CloudHypervisorClient {
    */
   vmInfo(signal: AbortSignal): Promise<ChVmInfo> {
     const what = this.what("vm.info");
-    return this.sockets.sharedInfo(this.socketPath, signal, what, async (unbounded) => {
-      const reply = await this.read("vm.info", unbounded);
+    return this.sockets.sharedInfo(this.socketPath, signal, what, async () => {
+      const reply = await this.read("vm.info", undefined);
       const body = this.parseJson("vm.info", reply);
       if (!isVmInfo(body)) throw this.unparseable("vm.info", reply);
       return body;
@@ -337,8 +329,11 @@ export class CloudHypervisorClient {
     return `cloud-hypervisor vm ${this.vmName}: ${endpoint}`;
   }
 
-  /** A GET within vfiod's bound, retried with backoff while CH answers 503 (its slots are taken). */
-  private read(endpoint: string, signal: AbortSignal): Promise<Reply> {
+  /**
+   * A GET within vfiod's bound (and the caller's signal, for a read not shared),
+   * retried with backoff while CH answers 503 (its slots are taken).
+   */
+  private read(endpoint: string, signal: AbortSignal | undefined): Promise<Reply> {
     const what = this.what(endpoint);
     return withinBound(signal, this.sockets.requestTimeoutMs, what, async (bounded) => {
       for (let delay = RETRY_FIRST_MS; ; delay = Math.min(delay * 2, RETRY_MAX_MS)) {

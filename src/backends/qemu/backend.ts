@@ -26,14 +26,6 @@ export interface QemuBackendOptions {
   readonly observe?: HypervisorCallObserver;
 }
 
-/**
- * A signal that never aborts: shared reads are bounded by vfiod's own limit only.
- * A new one per read: Node 20's AbortSignal.any() keeps a reference to every
- * signal it made in each source signal for as long as the source lives, so one
- * long-lived source would grow by one entry per read, forever.
- */
-const neverAborts = () => new AbortController().signal;
-
 const PERIPHERAL = "/machine/peripheral";
 const VFIO_CHILD = "child<vfio-pci>";
 const ROOT_PORT_CHILD = "child<pcie-root-port>";
@@ -181,7 +173,7 @@ export class QemuBackend implements DeviceLister, DeviceAttacher {
   list(vm: VmRecord, signal: AbortSignal): Promise<AttachedDevice[]> {
     const what = `qemu VM ${JSON.stringify(vm.name)}: list`;
     return this.listReads.read(vm.socket, signal, what, () =>
-      withinBound(neverAborts(), this.requestTimeoutMs, what, (bounded) =>
+      withinBound(undefined, this.requestTimeoutMs, what, (bounded) =>
         this.session(vm, bounded, async (monitor) => {
           const peripherals = await monitor.peripherals();
           for (const [id] of this.removals.pendingOf(vm.socket)) {
