@@ -5,7 +5,8 @@ import { toJson } from "@bufbuild/protobuf";
 import { Command, CommanderError, Option } from "commander";
 import fs from "node:fs";
 import { HealthCheckResponse_ServingStatus } from "../gen/grpc/health/v1/health_pb";
-import type { Device } from "../gen/vfiod/v1/device_pb";
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { WatchEvent_Kind, WatchEventSchema, type Device, type WatchEvent } from "../gen/vfiod/v1/device_pb";
 import { HostDeviceSchema, VmSchema, type HostDevice, type Vm } from "../gen/vfiod/v1/inventory_pb";
 import { parseDuration } from "./config";
 import { createDeviceClient, createHealthClient, createInventoryClient, errorInfo } from "./grpc/client";
@@ -286,7 +287,46 @@ export function buildCli(): Command {
         if (status !== HealthCheckResponse_ServingStatus.SERVING) process.exitCode = 1;
       }),
     );
+  program
+    .command("watch [vm]")
+    .summary("print device events as they come (every VM without [vm])")
+    .description(
+      "vfiod.v1.DeviceService/Watch: first PRESENT per device already attached, then SYNCED, then each change " +
+        "(ATTACHED, DETACH_REQUESTED, DETACH_PENDING, DETACHED, DRIVER_BOUND, DRIVER_RESTORED), one line each, " +
+        "until interrupted (exit 0) or vfiod ends the watch (its reason printed, exit 1); --timeout does not apply",
+    )
+    .action((vm = "") =>
+      withClient(opts(), createDeviceClient, async (client) => {
+        const stream = client.watch({ vm });
+        const stop = () => stream.cancel();
+        process.once("SIGINT", stop);
+        process.once("SIGTERM", stop);
+        try {
+          await new Promise<void>((resolve, reject) => {
+            stream.on("data", (event: WatchEvent) => printWatchEvent(event, opts().json));
+            stream.on("error", (err: grpc.ServiceError) => (err.code === grpc.status.CANCELLED ? resolve() : reject(err)));
+            stream.on("end", () => resolve());
+          });
+        } finally {
+          process.off("SIGINT", stop);
+          process.off("SIGTERM", stop);
+        }
+      }),
+    );
   return program;
+}
+
+/** One line per event: time, kind, VM, device id and host BDF, detail; or the event's proto3 JSON. */
+function printWatchEvent(event: WatchEvent, json: boolean): void {
+  if (json) {
+    printJson(toJson(WatchEventSchema, event));
+    return;
+  }
+  const time = event.time === undefined ? "-" : timestampDate(event.time).toISOString();
+  const kind = WatchEvent_Kind[event.kind] ?? String(event.kind);
+  const device = event.device === undefined ? "" : `${event.device.id} ${event.device.bdf || "-"}`;
+  const line = [time, kind, event.vm, device, event.detail === "" ? "" : `(${event.detail})`].filter((part) => part !== "");
+  process.stdout.write(`${line.join(" ").replace(/[\u0000-\u001f\u007f]+/g, " ")}\n`);
 }
 
 if (require.main === module) {

@@ -1,13 +1,15 @@
 // vfiodctl, the real built binary, against a vfiod server and a Cloud Hypervisor double.
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import readline from "node:readline";
 import { promisify } from "node:util";
 import { ChDouble } from "./support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "./support/fake-sysfs";
 import { startTestServer, type TestServer } from "./support/test-server";
 import { CLI_JS } from "./support/vfiod-process";
+import { waitFor } from "./support/wait";
 
 let dir: string;
 let sysfs: FakeSysfs;
@@ -276,4 +278,42 @@ test.each([
   expect({ code, stdout }).toEqual({ code: 2, stdout: "" });
   expect(stderr).toMatch(/^error: /);
   expect(ch.requests.length).toBe(before);
+});
+
+describe("watch", () => {
+  test("prints PRESENT, SYNCED, then each change as a line as it comes; an interrupt ends it with exit 0", async () => {
+    await server.client.attach({ vm: "vm", pci: "01:00.0", id: "gpu0" });
+    const child = spawn(process.execPath, [CLI_JS, "--address", server.address, "watch", "vm"], { stdio: ["ignore", "pipe", "pipe"] });
+    const lines: string[] = [];
+    readline.createInterface({ input: child.stdout }).on("line", (line) => lines.push(line));
+    const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
+    try {
+      await waitFor(() => lines.some((line) => line.includes(" SYNCED")), "SYNCED");
+      await server.client.detach({ vm: "vm", id: "gpu0" });
+      await waitFor(() => lines.some((line) => line.includes(" DETACHED ")), "DETACHED");
+      const kinds = lines.map((line) => line.split(" ")[1]);
+      expect(kinds).toEqual(["PRESENT", "SYNCED", "DETACH_REQUESTED", "DETACHED"]);
+      expect(lines[0]).toMatch(/^\d{4}-\d\d-\d\dT\S+Z PRESENT vm gpu0 0000:01:00\.0 \(read now\)$/);
+      expect(lines[3]).toContain("DETACHED vm gpu0 0000:01:00.0 (by vfiod)");
+      child.kill("SIGINT");
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill("SIGKILL");
+    }
+  });
+
+  test("--json prints each event's proto3 JSON; an unknown VM is refused with exit 1", async () => {
+    const json = spawn(process.execPath, [CLI_JS, "--address", server.address, "--json", "watch", "vm"], { stdio: ["ignore", "pipe", "pipe"] });
+    const lines: string[] = [];
+    readline.createInterface({ input: json.stdout }).on("line", (line) => lines.push(line));
+    try {
+      await waitFor(() => lines.length > 0, "SYNCED");
+      expect(JSON.parse(lines[0]!)).toMatchObject({ kind: "KIND_SYNCED" });
+    } finally {
+      json.kill("SIGINT");
+    }
+    const refused = await vfiodctl("watch", "nope");
+    expect(refused.code).toBe(1);
+    expect(refused.stderr).toContain("NOT_FOUND VM_NOT_FOUND");
+  });
 });
