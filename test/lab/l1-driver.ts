@@ -244,6 +244,26 @@ async function bootTrack(lab: Recorder, config: LabConfig, c: DeviceClient, boot
   await detachAndSee("NIC", nic, nicDevice.id);
   await detachAndSee("NVMe", nvme, nvmeDevice.id);
   await lab.step("list l2 after detach", LIST_MS, list);
+
+  // A GPU and its audio function in miniature: one call adds both, one removes both.
+  const [primary, audio] = config.devices.group;
+  const seeBoth = (what: "ADD" | "DEL", from: number) => async () => ({
+    lines: await Promise.all([guestLine(serial, what, primary, from), guestLine(serial, what, audio, from)]),
+  });
+  let from = fileSize(serial);
+  const group = await lab.step("whole-group attach", ATTACH_MS, async () => {
+    const response = await c.attach({ vm, pci: primary.bdf, id: "lab-group", wholeGroup: true }, { timeoutMs: ATTACH_MS });
+    return { ...attached(response), companions: response.companions.map(plainDevice) };
+  });
+  await lab.step("L2 guest sees the whole group", GUEST_MS, seeBoth("ADD", from));
+  await lab.step("list l2 with the group", LIST_MS, list);
+  from = fileSize(serial);
+  await lab.step("whole-group detach", DETACH_MS, async () => {
+    await c.detach({ vm, id: group.device.id, wholeGroup: true }, { timeoutMs: DETACH_MS });
+    return {};
+  });
+  await lab.step("L2 guest lost the whole group", GUEST_MS, seeBoth("DEL", from));
+  await lab.step("list l2 after whole-group detach", LIST_MS, list);
 }
 
 /** The firmware-only VM: attach works, detach stays pending, List still has it. */
@@ -387,8 +407,8 @@ function writeInventory(config: LabConfig): void {
 
 /** Every device the lab attaches, by vendor:device, and 00:1f.2 by BDF: the 00:1f group's others are outside. */
 function allowedDevices(config: LabConfig): string {
-  const { nic, nvme, spare, managed, nonViable } = config.devices;
-  return [nic, nvme, spare, managed].map((d) => d.vendorDevice).concat(nonViable).join(",");
+  const { nic, nvme, spare, managed, nonViable, group } = config.devices;
+  return [nic, nvme, spare, managed, ...group].map((d) => d.vendorDevice).concat(nonViable).join(",");
 }
 
 async function startVfiod(lab: Recorder, step: StepName, port: number, extra: string[], logName: string): Promise<Vfiod> {

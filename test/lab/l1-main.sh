@@ -52,13 +52,20 @@ bind_vfio() {
 }
 
 NIC_ID=8086:10d3 NVME_ID=1b36:0010 SPARE_ID=8086:100e MANAGED_ID=8086:100f
+# One slot, two functions without ACS, so one IOMMU group: a GPU and its HDMI audio
+# function in miniature (a NIC stands in for the GPU, an HD Audio controller for its audio).
+GROUP_PRIMARY_ID=10ec:8139 GROUP_AUDIO_ID=8086:2668
 # q35's AHCI controller, grouped with the LPC bridge and the SMBus controller.
 NONVIABLE=0000:00:1f.2
 t=$(now_ms)
 NIC=$(find_bdf $NIC_ID)
 NVME=$(find_bdf $NVME_ID)
 SPARE=$(find_bdf $SPARE_ID)
-for bdf in "$NIC" "$NVME" "$SPARE" "$NONVIABLE"; do bind_vfio "$bdf"; done
+GROUP_PRIMARY=$(find_bdf $GROUP_PRIMARY_ID)
+GROUP_AUDIO=$(find_bdf $GROUP_AUDIO_ID)
+for bdf in "$NIC" "$NVME" "$SPARE" "$NONVIABLE" "$GROUP_PRIMARY" "$GROUP_AUDIO"; do bind_vfio "$bdf"; done
+[ "/sys/bus/pci/devices/$GROUP_PRIMARY/iommu_group" -ef "/sys/bus/pci/devices/$GROUP_AUDIO/iommu_group" ] ||
+  fail "$GROUP_PRIMARY and $GROUP_AUDIO are in different IOMMU groups"
 BIND_MS=$(($(now_ms) - t))
 say "bound to vfio-pci in $(seconds $BIND_MS): ${bound[*]}"
 # The NIC managed binding takes: left on its host driver, its interface down.
@@ -101,7 +108,11 @@ cat >"$LAB/lab.json" <<EOF
     "nvme": { "bdf": "$NVME", "vendorDevice": "$NVME_ID" },
     "spare": { "bdf": "$SPARE", "vendorDevice": "$SPARE_ID" },
     "managed": { "bdf": "$MANAGED", "vendorDevice": "$MANAGED_ID", "hostDriver": "$MANAGED_DRIVER", "interface": "$MANAGED_IF" },
-    "nonViable": "$NONVIABLE"
+    "nonViable": "$NONVIABLE",
+    "group": [
+      { "bdf": "$GROUP_PRIMARY", "vendorDevice": "$GROUP_PRIMARY_ID" },
+      { "bdf": "$GROUP_AUDIO", "vendorDevice": "$GROUP_AUDIO_ID" }
+    ]
   },
   "vms": {
     "boot": { "name": "l2", "qmp": "$LAB/l2.qmp", "serial": "$OUT/l2-serial.log" },

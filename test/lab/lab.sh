@@ -168,6 +168,8 @@ run() {
     -device nvme,drive=nvme0,serial=vfiodlab,bus=pcie.0,addr=0x11 \
     -device e1000,bus=pcie.0,addr=0x12 \
     -device e1000-82545em,bus=pcie.0,addr=0x13 \
+    -device rtl8139,bus=pcie.0,addr=0x14.0,multifunction=on \
+    -device intel-hda,bus=pcie.0,addr=0x14.1 \
     2>"$OUT/l1-qemu.log" &
   local l1=$! rc=0
   # Stopped early (lab.test.ts's watchdog, Ctrl-C), take L1 down too: timeout hands

@@ -170,6 +170,39 @@ describeLab(`VFIO lab${skip === undefined ? "" : ` (skipped: ${skip})`}`, () => 
     must(left.length === 0, `l2 still lists ${bdfs(left).join(", ")}`);
   });
 
+  describe("whole group: two functions of one slot in one IOMMU group, as a GPU and its audio function", () => {
+    test("whole-group Attach returns the requested function and its companion under the derived id", () => {
+      const [primary, audio] = result().config.devices.group;
+      const { device, companions } = value("whole-group attach");
+      must(device.bdf === primary.bdf && device.id === "lab-group", `primary came back as ${JSON.stringify(device)}`);
+      const want = `lab-group-${audio.bdf.slice(5).replace(/[:.]/g, "-")}=${audio.bdf}`;
+      const got = companions.map((d) => `${d.id}=${d.bdf}`).join(", ");
+      must(got === want, `companions ${got || "none"}; want ${want}`);
+    });
+
+    test("the L2 guest sees both functions appear where vfiod says", () => {
+      const { device, companions } = value("whole-group attach");
+      const seen = value("L2 guest sees the whole group").lines.map((l) => l.guestBdf).sort();
+      const said = [device, ...companions].map((d) => d.guestBdf).sort();
+      must(JSON.stringify(seen) === JSON.stringify(said), `the guest saw ${seen.join(", ")}; vfiod says ${said.join(", ")}`);
+    });
+
+    test("List shows both functions; whole-group Detach removes both, from List and from the guest", () => {
+      const { group } = result().config.devices;
+      const want = bdfs(group);
+      const listed = bdfs(value("list l2 with the group").devices);
+      must(JSON.stringify(listed) === JSON.stringify(want), `l2 lists ${listed.join(", ")}; want ${want.join(", ")}`);
+      const s = step("whole-group detach");
+      const f = s.failure;
+      must(s.ok, `whole-group Detach failed after ${s.ms} ms: ${f ? `${status[f.code]} ${f.reason}: ${f.details}` : s.error}`);
+      const came = value("L2 guest sees the whole group").lines.map((l) => l.guestBdf).sort();
+      const went = value("L2 guest lost the whole group").lines.map((l) => l.guestBdf).sort();
+      must(JSON.stringify(went) === JSON.stringify(came), `the guest lost ${went.join(", ")}; it had gained ${came.join(", ")}`);
+      const left = value("list l2 after whole-group detach").devices;
+      must(left.length === 0, `l2 still lists ${bdfs(left).join(", ")}`);
+    });
+  });
+
   test("Attach of 00:1f.2 (non-viable group) is refused by vfiod's preflight, naming its companions", () => {
     const { companions } = result();
     const s = step("attach 00:1f.2 (non-viable group)");

@@ -30,6 +30,8 @@ export interface LabConfig {
     nonViable: string;
     /** On its host driver: a managed Attach binds it, Detach gives it back. */
     managed: LabHostDevice;
+    /** Two functions of one slot, one IOMMU group: the requested one first, then its companion. */
+    group: [LabPciDevice, LabPciDevice];
   };
   vms: {
     /** The L2 that boots a busybox guest reporting PCI hot-plug on its console. */
@@ -104,6 +106,12 @@ export interface StepValues {
   "detach NVMe": Record<string, never>;
   "L2 guest lost NVMe": GuestLine;
   "list l2 after detach": { devices: LabDevice[] };
+  "whole-group attach": { device: LabDevice; companions: LabDevice[] };
+  "L2 guest sees the whole group": { lines: GuestLine[] };
+  "list l2 with the group": { devices: LabDevice[] };
+  "whole-group detach": Record<string, never>;
+  "L2 guest lost the whole group": { lines: GuestLine[] };
+  "list l2 after whole-group detach": { devices: LabDevice[] };
   "attach spare to l2fw": { device: LabDevice };
   "detach from l2fw": Record<string, never>;
   "list l2fw after detach": { devices: LabDevice[] };
