@@ -1,6 +1,7 @@
 // vfiod's process flags (../shared/contract.md "Process interface"), each also
 // read from VFIOD_<FLAG>. Parsing is pure: it returns a Config or throws UsageError.
 import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
+import fs from "node:fs";
 import net from "node:net";
 import { DeviceAllowList } from "./host/device-allow-list";
 import { DEFAULT_COCOON_BINARIES, type CocoonBinaries } from "./inventory/cocoon";
@@ -260,4 +261,20 @@ export function parseConfig(argv: string[], env: NodeJS.ProcessEnv = process.env
     throw new UsageError("--manage-binding needs an --allow-devices list that names devices, not *:*", usage);
   }
   return config;
+}
+
+/**
+ * --socket-group as a gid: a number, or a name looked up in `groupFile` (Node has
+ * no getgrnam). Read when vfiod starts, not when flags are parsed: a unit's group
+ * exists only on the host it runs on.
+ * @throws UsageError for a name the file lacks: the socket's access must not be guessed.
+ */
+export function socketGroupId(group: string, groupFile = "/etc/group"): number {
+  if (/^\d+$/.test(group)) return Number(group);
+  for (const line of fs.readFileSync(groupFile, "utf8").split("\n")) {
+    const [name, , gid] = line.split(":");
+    if (name === group && gid !== undefined && /^\d+$/.test(gid)) return Number(gid);
+  }
+  const why = `--socket-group: no group named ${JSON.stringify(group)} in ${groupFile}`;
+  throw new UsageError(why, buildCommand().helpInformation());
 }

@@ -30,7 +30,9 @@ const MAX_EXISTING_ID = 128;
  */
 export function requireDeviceId(id: string): string {
   if (id === "") throw new VfiodError("INVALID_ARGUMENT", "id is required");
-  if (id.length > MAX_EXISTING_ID || /\p{Cc}/u.test(id)) {
+  // Format characters and line separators would let an id reorder or split the
+  // log and audit lines it is written into ("gpu\u202E0" shows as "gpu" + reversed text).
+  if (id.length > MAX_EXISTING_ID || /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/u.test(id)) {
     throw new VfiodError("INVALID_ARGUMENT", `id invalid: at most ${MAX_EXISTING_ID} printable characters`);
   }
   return id;

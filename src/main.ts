@@ -4,11 +4,11 @@ import * as grpc from "@grpc/grpc-js";
 import fs from "node:fs";
 import { promisify } from "node:util";
 import { AuditLog } from "./audit";
-import { parseConfig, UsageError, type Config } from "./config";
+import { parseConfig, socketGroupId, UsageError, type Config } from "./config";
 import { createLogger, type Logger } from "./log";
 import type { Metrics } from "./metrics";
 import { warnUnmanaged } from "./service/managed-binding";
-import { bindPrivately, groupId } from "./unix-socket";
+import { bindPrivately } from "./unix-socket";
 import { assembleVfiod } from "./vfiod";
 
 /** How long draining waits for in-flight calls before cutting them off. */
@@ -24,7 +24,7 @@ function serverCredentials(config: Config): grpc.ServerCredentials {
   );
 }
 
-async function serve(config: Config, log: Logger): Promise<void> {
+async function serve(config: Config, socketGid: number | undefined, log: Logger): Promise<void> {
   // prom-client is loaded only to serve metrics: it costs every other vfiod about 1.6 MB of heap.
   const metrics: Metrics | undefined =
     config.metricsListen === undefined ? undefined : new (await import("./metrics.js")).Metrics();
@@ -56,12 +56,14 @@ async function serve(config: Config, log: Logger): Promise<void> {
   // Before any call is served: what an earlier vfiod left half-done in --state-dir.
   if (vfiod.binding !== undefined) await vfiod.binding.repair();
   else await warnUnmanaged(config.stateDir, log);
+  if (config.insecure) {
+    log.warn("--insecure: plaintext gRPC and metrics allowed off the loopback; whoever reaches the port can hand host devices to VMs");
+  }
   const credentials = serverCredentials(config);
   const bind = promisify(server.bindAsync.bind(server));
   const port = config.listen === undefined ? undefined : await bind(config.listen, credentials);
   if (config.socket !== undefined) {
-    const gid = config.socketGroup === undefined ? undefined : groupId(config.socketGroup);
-    await bindPrivately(config.socket, config.socketMode, gid, async (privatePath) => {
+    await bindPrivately(config.socket, config.socketMode, socketGid, async (privatePath) => {
       await bind(`unix:${privatePath}`, credentials);
     });
   }
@@ -97,8 +99,10 @@ async function serve(config: Config, log: Logger): Promise<void> {
 
 function main(): void {
   let config: Config;
+  let socketGid: number | undefined;
   try {
     config = parseConfig(process.argv.slice(2));
+    socketGid = config.socketGroup === undefined ? undefined : socketGroupId(config.socketGroup);
   } catch (err) {
     if (!(err instanceof UsageError)) throw err;
     if (err.message === "") {
@@ -109,7 +113,7 @@ function main(): void {
     process.exit(2);
   }
   const log = createLogger(config.logLevel);
-  serve(config, log).catch((err: unknown) => {
+  serve(config, socketGid, log).catch((err: unknown) => {
     log.fatal({ err }, "vfiod failed to start");
     process.exit(1);
   });

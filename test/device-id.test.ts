@@ -54,10 +54,13 @@ describe("requireDeviceId (Detach)", () => {
     expect(err.code).toBe(Code.INVALID_ARGUMENT);
     expect(err.message).toBe("id is required");
   });
-  test.each(["a".repeat(129), "gpu\u0000", "x\ny", "\u007f", "tab\there"])("refuses %j", (id) => {
+  test.each(["a".repeat(129), "gpu\u0000", "x\ny", "\u007f", "tab\there", "gpu\u202e0", "x\u2028y", "x\u2029y", "zero\u200bwidth"])(
+    "refuses %j",
+    (id) => {
     const err = refusal(() => requireDeviceId(id));
     expect(err.reason).toBe("INVALID_ARGUMENT");
     expect(err.code).toBe(Code.INVALID_ARGUMENT);
     expect(err.message).toBe("id invalid: at most 128 printable characters");
-  });
+    },
+  );
 });

@@ -113,6 +113,7 @@ test.each([
   [["--listen", "none"], {}, "--listen none needs --socket"],
   [[], { VFIOD_LISTEN: "none" }, "--listen none needs --socket"],
   [["--metrics-listen", "0.0.0.0:9100"], {}, "refusing plaintext metrics on non-loopback 0.0.0.0:9100"],
+  [["--socket", "/tmp/vfiod-never.sock", "--socket-group", "no-such-group-vfiod"], {}, '--socket-group: no group named "no-such-group-vfiod"'],
 ])("%j with %j exits 2 with the reason and usage, serving nothing (issue 8 items 1, 2, 4)", async (args, env, reason) => {
   const run = await runVfiodToExit(["--cocoon-root", dir, ...args], env);
   expect(run.exit).toBe(2);
@@ -291,8 +292,10 @@ describe("--socket start-up (issue 8 item 3)", () => {
   });
 });
 
-test("--metrics-listen off the loopback starts with --insecure (issue 8 item 4)", async () => {
+test("--metrics-listen off the loopback starts with --insecure, which it warns about once (issue 8 item 4)", async () => {
   vfiod = await startVfiod(["--cocoon-root", dir, "--metrics-listen", "0.0.0.0:0", "--insecure"]);
+  const warnings = vfiod.logs.filter((l) => l.level === "warn").map((l) => l.msg);
+  expect(warnings.filter((m) => String(m).startsWith("--insecure:"))).toHaveLength(1);
   const metricsLine = vfiod.logs.find((l) => l.msg === "metrics serving on /metrics");
   expect(metricsLine).toMatchObject({ metricsListen: "0.0.0.0:0" });
   const response = await fetch(`http://127.0.0.1:${String(metricsLine!.port)}/metrics`);

@@ -17,7 +17,9 @@ export interface PciAddress {
   readonly path: string;
 }
 
-const FULL_BDF = /^[0-9a-f]{4,5}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$/;
+// The kernel names a domain "%04x": a fifth digit is never a leading zero, so
+// "00000:01:00.0" is no second spelling of 0000:01:00.0.
+const FULL_BDF = /^(?:[0-9a-f]{4}|[1-9a-f][0-9a-f]{4}):[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$/;
 const SHORT_BDF = /^[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$/;
 const MAX_INPUT = 256;
 

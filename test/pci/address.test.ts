@@ -93,6 +93,8 @@ describe("parsePciAddress refuses everything else with INVALID_ARGUMENT", () => 
     ["one-digit device", "01:0.0", EXPECT_BDF],
     ["3-digit domain", "000:01:00.0", EXPECT_BDF],
     ["6-digit domain", "100000:01:00.0", EXPECT_BDF],
+    ["5-digit domain with a leading zero (the kernel writes %04x)", "00000:01:00.0", EXPECT_BDF],
+    ["5-digit domain with a leading zero, under sysfs", "/sys/bus/pci/devices/0ffff:01:00.0", "sysfs BDF suffix"],
     ["no function", "0000:01:00", EXPECT_BDF],
     ["two function digits, short", "01:00.07", EXPECT_BDF],
     ["two function digits, full", "0000:01:00.07", EXPECT_BDF],
