@@ -1,4 +1,4 @@
-import { checkDeviceId, requireDeviceId } from "../src/device-id";
+import { checkDeviceId, companionId, requireDeviceId } from "../src/device-id";
 import { Code, VfiodError } from "../src/errors";
 
 /** The VfiodError `fn` throws; anything else (a TypeError, no throw) fails the test. */
@@ -64,3 +64,14 @@ describe("requireDeviceId (Detach)", () => {
     },
   );
 });
+
+describe("companionId (whole-group Attach)", () => {
+  test.each([
+    ["gpu0", "0000:01:00.1", "gpu0-01-00-1"],
+    ["gpu0", "10000:e1:1f.7", "gpu0-e1-1f-7"],
+    ["a.b", "0000:00:14.1", "a.b-00-14-1"],
+  ])("%j with %j is %j", (primary, bdf, id) => {
+    expect(companionId(primary, bdf)).toBe(id);
+  });
+});
+

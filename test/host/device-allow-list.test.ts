@@ -44,6 +44,18 @@ describe("DeviceAllowList.parse", () => {
   ])("refuses %j, naming %j", (list, entry) => {
     expect(parseError(list)).toBe(`--allow-devices: ${JSON.stringify(entry)} is neither vendor:device (hex, * wildcard) nor a BDF`);
   });
+
+  // --manage-binding refuses a list that lets every device through.
+  test.each([
+    ["*:*", true],
+    ["10de:2204, *:*", true],
+    ["*:2204", false],
+    ["10de:*", false],
+    ["10de:2204", false],
+    ["0000:01:00.0", false],
+  ])("%j allows any device: %j", (list, any) => {
+    expect(DeviceAllowList.parse(list, "/").allowsAnyDevice()).toBe(any);
+  });
 });
 
 describe("DeviceAllowList.check", () => {
