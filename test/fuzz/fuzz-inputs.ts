@@ -26,7 +26,7 @@ export const IN_FLIGHT = 64;
 export const HANG_MS = 20_000;
 
 export const SYSFS_PREFIX = "/sys/bus/pci/devices/";
-const FULL_BDF = /^[0-9a-f]{4,5}:[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$/;
+const FULL_BDF = /^(?:[0-9a-f]{4}|[1-9a-f][0-9a-f]{4}):[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$/;
 const SHORT_BDF = /^[0-9a-f]{2}:[01][0-9a-f]\.[0-7]$/;
 const CALLER_ID = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$/;
 
@@ -57,7 +57,8 @@ export type Expected =
  * The BDF the contract says `input` names, or undefined when it must be
  * INVALID_ARGUMENT. The 256-character cap is vfiod's (src/pci/address.ts); the
  * rest is README's "01:00.0, 0000:01:00.0 or /sys/bus/pci/devices/0000:01:00.0",
- * device 00-1f, function 0-7, 4- or 5-digit domain, surrounding whitespace
+ * device 00-1f, function 0-7, 4-digit domain or 5-digit one as the kernel writes it
+ * (%04x: no leading zero), surrounding whitespace
  * trimmed, a path cleaned of "//" and "." but never holding "..".
  */
 export function expectedBdf(input: string): string | undefined {
@@ -79,9 +80,9 @@ export function callerIdValid(id: string): boolean {
   return id === "" || (CALLER_ID.test(id) && !id.startsWith("cocoon-"));
 }
 
-/** Detach accepts hypervisor-chosen ids: non-empty, at most 128 characters, no control characters. */
+/** Detach accepts hypervisor-chosen ids: non-empty, at most 128 characters, no control or format characters, no line or paragraph separators. */
 export function existingIdValid(id: string): boolean {
-  return id !== "" && id.length <= 128 && !/\p{Cc}/u.test(id);
+  return id !== "" && id.length <= 128 && !/[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/u.test(id);
 }
 
 export function expectedAttach(pci: string, id: string): Expected {
@@ -160,7 +161,10 @@ const missingBdf = fc
   })
   .filter((pci) => !KNOWN.has(pci.length < 12 ? `0000:${pci}` : pci));
 
-/** Well-shaped BDFs with one field out of range: device 20-ff, function 8-f, a 1-3 or 6-digit domain, a 1- or 3-digit bus. */
+/**
+ * Well-shaped BDFs with one field out of range: device 20-ff, function 8-f, a 1-3 or
+ * 6-digit domain or a 5-digit one with a leading zero, a 1- or 3-digit bus.
+ */
 const outOfRangeBdf = fc
   .record({
     field: fc.constantFrom("device", "function", "domain", "bus"),
@@ -170,7 +174,7 @@ const outOfRangeBdf = fc
     badDev: fc.integer({ min: 0x20, max: 0xff }),
     fn: fc.integer({ min: 0, max: 7 }),
     badFn: fc.constantFrom(..."89abcdefABCDEF"),
-    badDomain: fc.oneof(hex(3, 3), hex(6, 6), hex(1, 2)),
+    badDomain: fc.oneof(hex(3, 3), hex(6, 6), hex(1, 2), hex(4, 4).map((d) => `0${d}`)),
     badBus: fc.oneof(hex(1, 1), hex(3, 3)),
     form: fc.constantFrom("short", "full", "path"),
   })
