@@ -211,10 +211,15 @@ export function buildCli(): Command {
       "also attach the other endpoints of <pci>'s IOMMU group, after it, all or nothing; each gets the " +
         "id <id>-<bus>-<device>-<function> (gpu0-01-00-1 for 0000:01:00.1)",
     )
-    .action((vm: string, pci: string, sub: { id: string; wholeGroup?: boolean }) =>
+    .option(
+      "--managed",
+      "let vfiod bind <pci> from its host driver to vfio-pci first, and give it back on detach " +
+        "(vfiod must run with --manage-binding and list it in --allow-devices)",
+    )
+    .action((vm: string, pci: string, sub: { id: string; wholeGroup?: boolean; managed?: boolean }) =>
       withClient(opts(), createDeviceClient, async (client) => {
         const { device, companions } = await client.attach(
-          { vm, pci, id: sub.id, wholeGroup: sub.wholeGroup === true },
+          { vm, pci, id: sub.id, wholeGroup: sub.wholeGroup === true, managed: sub.managed === true },
           { timeoutMs: opts().timeout },
         );
         printDevices([...(device === undefined ? [] : [device]), ...companions], opts().json);

@@ -85,6 +85,14 @@ test("a refused call exits 1 and prints code, reason and message", async () => {
   expect(JSON.parse(json.stdout)).toEqual({ error: expect.objectContaining({ code: "NOT_FOUND", reason: "VM_NOT_FOUND" }) });
 });
 
+test("attach --managed asks for managed binding: this vfiod runs without --manage-binding, so BINDING_DISABLED, exit 1, nothing sent", async () => {
+  const before = ch.requests.length;
+  const { code, stderr } = await vfiodctl("attach", "vm", "01:00.0", "--id", "gpu0", "--managed");
+  expect(code).toBe(1);
+  expect(stderr).toMatch(/^error: FAILED_PRECONDITION BINDING_DISABLED: managed attach of host PCI device 0000:01:00.0 asked for/);
+  expect(ch.requests.length).toBe(before);
+});
+
 test("bad usage exits 2", async () => {
   expect((await vfiodctl("attach", "vm")).code).toBe(2);
   expect((await vfiodctl("--timeout", "soon", "list", "vm")).code).toBe(2);
