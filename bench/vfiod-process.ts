@@ -57,7 +57,11 @@ export class VfiodProcess {
     const problems: string[] = [];
     let inspectorUrl: string | undefined;
     const port = await new Promise<number>((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error("vfiod did not start within 15 s")), 15_000);
+      // A vfiod that never serves must not outlive the bench.
+      const timer = setTimeout(() => {
+        child.kill("SIGKILL");
+        reject(new Error("vfiod did not start within 15 s"));
+      }, 15_000);
       child.once("exit", (code, signal) => {
         clearTimeout(timer);
         reject(new Error(`vfiod exited (${code ?? signal}) before serving: ${problems.join("\n")}`));
