@@ -43,11 +43,6 @@ const STOP_MS = 15_000;
 const DETACH_TIMEOUT_MS = 10_000;
 
 const CHECKOUT = path.resolve(__dirname, "../../..");
-/** vfiod listens on 127.0.0.1 here (L1's loopback). */
-const VFIOD_PORT = 50051;
-/** The vfiod killed mid-attach, and the one without --manage-binding, beside it. */
-const FIRST_PORT = 50052;
-const PLAIN_PORT = 50053;
 /** --state-dir of the managed vfiods (L1's own tmpfs, as /run/vfiod on a host). */
 const STATE_DIR = "/run/lab/vfiod-state";
 /** How long the kernel may take to bind the managed NIC (vfiod's own bound is 10 s). */
@@ -157,15 +152,15 @@ async function main(): Promise<void> {
   const managedArgs = ["--manage-binding", "--allow-devices", allowedDevices(config), "--state-dir", STATE_DIR];
   // While L2 boots: a vfiod that is killed mid-attach, and one without --manage-binding, at once.
   const [first, plain] = await Promise.all([
-    startVfiod(lab, "vfiod ready (to be killed)", FIRST_PORT, managedArgs, "vfiod-killed.log"),
-    startVfiod(lab, "vfiod ready (without --manage-binding)", PLAIN_PORT, ["--state-dir", `${STATE_DIR}-plain`], "vfiod-plain.log"),
+    startVfiod(lab, "vfiod ready (to be killed)", managedArgs, "vfiod-killed.log"),
+    startVfiod(lab, "vfiod ready (without --manage-binding)", ["--state-dir", `${STATE_DIR}-plain`], "vfiod-plain.log"),
   ]);
   await unmanagedTrack(lab, config, plain);
   await crashTrack(lab, config, first);
   hung.close();
   // The lab's vfiod, for all VMs, as on a real host (each VM has its own QMP socket); it
   // repairs what the killed one left before it listens.
-  const vfiod = await startVfiod(lab, "vfiod ready", VFIOD_PORT, managedArgs, "vfiod.log");
+  const vfiod = await startVfiod(lab, "vfiod ready", managedArgs, "vfiod.log");
   let finished = false;
   try {
     await repairedStep(lab, config);
@@ -411,15 +406,25 @@ function allowedDevices(config: LabConfig): string {
   return [nic, nvme, spare, managed, ...group].map((d) => d.vendorDevice).concat(nonViable).join(",");
 }
 
-async function startVfiod(lab: Recorder, step: StepName, port: number, extra: string[], logName: string): Promise<Vfiod> {
+/**
+ * Starts a vfiod on a port of L1's loopback the kernel picks, ready once its log says
+ * it serves (with the port). Not a fixed port polled with connects: a port in the
+ * ephemeral range, polled while nothing listens, is eventually a poll's own source
+ * port, and the poll connects to itself (TCP self-connect) and keeps vfiod from binding.
+ */
+async function startVfiod(
+  lab: Recorder,
+  step: "vfiod ready" | "vfiod ready (to be killed)" | "vfiod ready (without --manage-binding)",
+  extra: string[],
+  logName: string,
+): Promise<Vfiod> {
   const config = lab.labConfig;
   const inventory = path.join(config.out, "inventory.json");
   const log = fs.openSync(path.join(config.out, logName), "w");
-  const listen = `127.0.0.1:${port}`;
   // An empty --cocoon-root: VMs of this machine's cocoon must not join the lab's inventory.
   const args = [
     path.join(CHECKOUT, "dist/src/main.js"),
-    ...["--listen", listen, "--inventory", inventory, "--sysfs-root", "/"],
+    ...["--listen", "127.0.0.1:0", "--inventory", inventory, "--sysfs-root", "/"],
     ...["--detach-timeout", `${DETACH_TIMEOUT_MS / 1000}s`, "--cocoon-root", "/run/lab/no-cocoon"],
     ...extra,
   ];
@@ -428,18 +433,19 @@ async function startVfiod(lab: Recorder, step: StepName, port: number, extra: st
   const exited = new Promise<{ exitCode: number | null; signal: string | null }>((resolve) =>
     child.once("exit", (exitCode, signal) => resolve({ exitCode, signal })),
   );
-  await lab.step(step, READY_MS, async () => {
+  const { port } = await lab.step(step, READY_MS, async () => {
     const deadline = Date.now() + READY_MS;
     let gone = false;
     void exited.then(() => (gone = true));
-    while (!(await accepts(port))) {
-      if (gone) throw new Error(`vfiod exited before listening; see ${logName}`);
-      if (Date.now() > deadline) throw new Error(`not listening on ${listen} after ${READY_MS} ms`);
+    for (;;) {
+      const serving = vfiodLog(config, logName).find((line) => line.msg === "vfiod serving");
+      if (serving !== undefined) return { pid: child.pid ?? -1, port: Number(serving.port) };
+      if (gone) throw new Error(`vfiod exited before serving; see ${logName}`);
+      if (Date.now() > deadline) throw new Error(`not serving after ${READY_MS} ms; see ${logName}`);
       await sleep(200);
     }
-    return { pid: child.pid ?? -1 };
   });
-  return { client: createDeviceClient(listen), child, exited };
+  return { client: createDeviceClient(`127.0.0.1:${port}`), child, exited };
 }
 
 /** SIGTERM, which the contract says drains and exits 0. */
@@ -462,17 +468,6 @@ async function stopVfiod(lab: Recorder, vfiod: Vfiod, step: "vfiod stops" | "vfi
     },
     { keepGoing: true },
   );
-}
-
-function accepts(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = net.connect(port, "127.0.0.1");
-    socket.once("connect", () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once("error", () => resolve(false));
-  });
 }
 
 /** The guest's L2-PCI-ADD / L2-PCI-DEL line for this device, written after `from`. */
@@ -538,6 +533,7 @@ function vfiodLog(config: LabConfig, name: string): Record<string, unknown>[] {
   return fs
     .readFileSync(path.join(config.out, name), "utf8")
     .split("\n")
+    .slice(0, -1) // a line still being written
     .filter((line) => line.startsWith("{"))
     .map((line) => JSON.parse(line) as Record<string, unknown>);
 }
@@ -621,8 +617,12 @@ function print(line: string): void {
   process.stdout.write(`LAB driver: ${line}\n`);
 }
 
-main().catch((err: unknown) => {
-  if (err instanceof Abort) print(`lab FAILED: ${err.message}`);
-  else print(`crashed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-  process.exitCode = 1;
-});
+main()
+  .catch((err: unknown) => {
+    if (err instanceof Abort) print(`lab FAILED: ${err.message}`);
+    else print(`crashed: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    process.exitCode = 1;
+  })
+  // Whatever a failed step left open (the hung VM's socket, a vfiod, a pending call) must
+  // not keep L1 up until lab.sh's timeout: L1 powers off once the driver exits.
+  .finally(() => process.exit());

@@ -74,9 +74,9 @@ export interface HostDriverState {
 
 /** What each step saw when it went as planned (a refusal's is in `failure`). */
 export interface StepValues {
-  "vfiod ready": { pid: number };
-  "vfiod ready (to be killed)": { pid: number };
-  "vfiod ready (without --manage-binding)": { pid: number };
+  "vfiod ready": { pid: number; port: number };
+  "vfiod ready (to be killed)": { pid: number; port: number };
+  "vfiod ready (without --manage-binding)": { pid: number; port: number };
   "managed attach without --manage-binding": { device: LabDevice };
   "device untouched after BINDING_DISABLED": HostDriverState;
   "vfiod without --manage-binding stops": { exitCode: number | null; signal: string | null };
