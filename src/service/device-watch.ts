@@ -11,7 +11,7 @@ import type { AttachedDevice } from "../backends/backend";
 import type { BackendRegistry } from "../backends/registry";
 import { VfiodError } from "../errors";
 import type { VmRecord } from "../inventory/vm";
-import { type DeviceChange, type DeviceView, vmKey } from "../view/device-view";
+import { sameVm, type DeviceChange, type DeviceView } from "../view/device-view";
 import type { Call } from "./call";
 
 export type WatchKind = "present" | "synced" | DeviceChange["kind"];
@@ -78,7 +78,7 @@ export class DeviceWatch {
     let wake: (() => void) | undefined;
     // Subscribe before the snapshot is read, so nothing between the two is lost.
     const unsubscribe = this.deps.view.subscribe((change) => {
-      if (target !== undefined && vmKey(change.vm) !== vmKey(target)) return;
+      if (target !== undefined && !sameVm(change.vm, target)) return;
       if (queue.length < WATCH_QUEUE_LIMIT) queue.push(change);
       else if (!behind) {
         behind = true;

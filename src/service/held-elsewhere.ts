@@ -9,7 +9,7 @@ import { commandLineNamesSocket } from "../inventory/command-line";
 import type { VmRecord } from "../inventory/vm";
 import type { IommuGroup } from "../host/preflight";
 import type { PciAddress } from "../pci/address";
-import type { DeviceView } from "../view/device-view";
+import { sameVm, type DeviceView } from "../view/device-view";
 
 /** Who holds a device, as far as vfiod can tell. */
 export interface Holder {
@@ -74,10 +74,6 @@ export class HeldElsewhere {
     const vm = records.find((record) => commandLineNamesSocket(process.args, record.socket));
     return { pid: process.pid, command: commandOf(process), ...(vm === undefined ? {} : { vm }) };
   }
-}
-
-function sameVm(a: VmRecord, b: VmRecord): boolean {
-  return a.source === b.source && a.id === b.id;
 }
 
 function commandOf(process: HolderProcess): string {

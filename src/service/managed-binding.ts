@@ -36,8 +36,7 @@ import type { VmRecord } from "../inventory/vm";
 import type { KeyedLocks } from "../keyed-locks";
 import type { Logger } from "../log";
 import { addressOfBdf } from "../pci/address";
-import type { DeviceView } from "../view/device-view";
-import { vmKey } from "../view/device-view";
+import { sameVm, vmKey, type DeviceView } from "../view/device-view";
 import fs from "node:fs/promises";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -344,7 +343,7 @@ export class ManagedBinding {
     const { records } = await this.deps.state.list();
     const byVm = new Map<string, BindingRecord[]>();
     for (const record of records.filter((r) => r.phase === "releasing")) {
-      const key = `${record.vm.source}/${record.vm.id}`;
+      const key = vmKey(record.vm);
       byVm.set(key, [...(byVm.get(key) ?? []), record]);
     }
     await Promise.all([...byVm].filter(([key]) => !this.looking.has(key)).map(([key, waiting]) => this.look(key, waiting)));
@@ -626,10 +625,6 @@ export class BoundDevices {
 
 /** Another operation holds the device's IOMMU group lock. */
 class GroupBusy extends Error {}
-
-function sameVm(a: { source: string; id: string }, b: { source: string; id: string }): boolean {
-  return a.source === b.source && a.id === b.id;
-}
 
 function vmOf(record: BindingRecord): VmRecord {
   return { ...record.vm };

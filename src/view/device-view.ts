@@ -37,8 +37,13 @@ export interface DeviceChange {
 export type ChangeListener = (change: DeviceChange) => void;
 
 /** The key of a VM across sources: the same id may come from the static file and cocoon. */
-export function vmKey(vm: VmRecord): string {
+export function vmKey(vm: Pick<VmRecord, "source" | "id">): string {
   return `${vm.source}/${vm.id}`;
+}
+
+/** Whether two records (or a state file's copy of one) are the same VM. */
+export function sameVm(a: Pick<VmRecord, "source" | "id">, b: Pick<VmRecord, "source" | "id">): boolean {
+  return vmKey(a) === vmKey(b);
 }
 
 const sameDevice = (a: AttachedDevice, b: AttachedDevice) => a.id === b.id && a.bdf === b.bdf;
