@@ -6,3 +6,29 @@ export type HypervisorCallObserver = (backend: string, operation: string, second
 
 /** For backends built without metrics (tests, tools). */
 export const unobserved: HypervisorCallObserver = () => undefined;
+
+/**
+ * Runs one request and tells `observe` how long it took and whether an answer
+ * came: it did when `request` resolved, or when it failed with what `isAnswer`
+ * calls an answer (a QMP error reply).
+ */
+export async function observed<T>(
+  observe: HypervisorCallObserver,
+  backend: string,
+  operation: string,
+  request: () => Promise<T>,
+  isAnswer: (err: unknown) => boolean = () => false,
+): Promise<T> {
+  const started = performance.now();
+  let answered = false;
+  try {
+    const value = await request();
+    answered = true;
+    return value;
+  } catch (err) {
+    answered = isAnswer(err);
+    throw err;
+  } finally {
+    observe(backend, operation, (performance.now() - started) / 1000, answered);
+  }
+}

@@ -7,7 +7,7 @@ import { Client } from "undici";
 import { abortedError, Code, VfiodError } from "../errors";
 import type { VmRecord } from "../inventory/vm";
 import { isJsonObject } from "../json";
-import { unobserved, type HypervisorCallObserver } from "../hypervisor-calls";
+import { observed, unobserved, type HypervisorCallObserver } from "../hypervisor-calls";
 import { DEFAULT_HYPERVISOR_TIMEOUT_MS, withinBound } from "../request-bound";
 import type { AttachedDevice, DeviceLister } from "./backend";
 
@@ -34,15 +34,14 @@ export class FirecrackerBackend implements DeviceLister {
     const what = `firecracker vm ${vm.name}: describeInstance`;
     return withinBound(signal, this.requestTimeoutMs, what, async (bounded) => {
       const client = new Client("http://localhost", { socketPath: vm.socket });
-      const started = performance.now();
-      let answered = false;
       try {
-        const response = await client.request({ path: "/", method: "GET", signal: bounded });
-        const text = await response.body.text();
-        answered = true;
+        const { status, text } = await observed(this.observe, "firecracker", "describeInstance", async () => {
+          const response = await client.request({ path: "/", method: "GET", signal: bounded });
+          return { status: response.statusCode, text: await response.body.text() };
+        });
         const body: unknown = JSON.parse(text);
-        if (response.statusCode !== 200 || !isJsonObject(body) || typeof body.state !== "string") {
-          throw new VfiodError("HYPERVISOR_ERROR", `${what}: HTTP ${response.statusCode}: ${text.slice(0, 200)}`, { code: Code.INTERNAL });
+        if (status !== 200 || !isJsonObject(body) || typeof body.state !== "string") {
+          throw new VfiodError("HYPERVISOR_ERROR", `${what}: HTTP ${status}: ${text.slice(0, 200)}`, { code: Code.INTERNAL });
         }
         return body.state;
       } catch (err) {
@@ -51,7 +50,6 @@ export class FirecrackerBackend implements DeviceLister {
         if (err instanceof SyntaxError) throw new VfiodError("HYPERVISOR_ERROR", `${what}: unparseable reply`, { code: Code.INTERNAL, cause: err });
         throw new VfiodError("HYPERVISOR_UNAVAILABLE", `${what}: api unreachable`, { cause: err });
       } finally {
-        this.observe("firecracker", "describeInstance", (performance.now() - started) / 1000, answered);
         await client.destroy();
       }
     });

@@ -13,7 +13,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { Pool, errors } from "undici";
 import { abortedError, Code, VfiodError, type Reason } from "../../errors";
 import { FreshReads } from "../../fresh-reads";
-import { unobserved, type HypervisorCallObserver } from "../../hypervisor-calls";
+import { observed, unobserved, type HypervisorCallObserver } from "../../hypervisor-calls";
 import { isJsonObject } from "../../json";
 import { KeyedLocks } from "../../keyed-locks";
 import { withinBound } from "../../request-bound";
@@ -220,18 +220,15 @@ export class CloudHypervisorSockets {
     return this.slots.run(socketPath, queueSignal, gaveUp, async () => {
       const signal = sentSignal();
       const state = this.pool(socketPath);
-      const started = performance.now();
-      let answered = false;
+      // A string body goes out with Content-Length; CH does not decode chunked bodies.
+      const payload = request.body === undefined ? {} : { body: request.body, headers: { "content-type": "application/json" } };
       try {
-        // A string body goes out with Content-Length; CH does not decode chunked bodies.
-        const payload = request.body === undefined ? {} : { body: request.body, headers: { "content-type": "application/json" } };
-        const response = await state.pool.request({ path: request.path, method: request.method, signal, ...payload });
-        const reply = { status: response.statusCode, body: await response.body.text() };
-        answered = true;
-        return reply;
+        return await observed(this.observe, "cloud-hypervisor", request.path.replace(/^\/api\/v1\//, ""), async () => {
+          const response = await state.pool.request({ path: request.path, method: request.method, signal, ...payload });
+          return { status: response.statusCode, body: await response.body.text() };
+        });
       } finally {
         state.lastUsed = Date.now();
-        this.observe("cloud-hypervisor", request.path.replace(/^\/api\/v1\//, ""), (performance.now() - started) / 1000, answered);
       }
     });
   }

@@ -10,7 +10,7 @@ import { FreshReads } from "../../fresh-reads";
 import type { VmRecord } from "../../inventory/vm";
 import { KeyedLocks } from "../../keyed-locks";
 import { addressOfBdf, isCanonicalBdf, type PciAddress } from "../../pci/address";
-import { unobserved, type HypervisorCallObserver } from "../../hypervisor-calls";
+import { observed, unobserved, type HypervisorCallObserver } from "../../hypervisor-calls";
 import { DEFAULT_HYPERVISOR_TIMEOUT_MS, withinBound } from "../../request-bound";
 import type { AttachedDevice, DeviceAttacher, DeviceLister } from "../backend";
 import { RemovalLedger } from "../removal-ledger";
@@ -390,19 +390,14 @@ class Monitor {
   }
 
   /** One command, timed for the metrics; an error reply counts as answered. */
-  private async execute(command: string, args: Record<string, unknown> | undefined, signal: AbortSignal): Promise<unknown> {
-    const started = performance.now();
-    let answered = false;
-    try {
-      const value = await this.client.execute(command, args, signal);
-      answered = true;
-      return value;
-    } catch (err) {
-      answered = err instanceof QmpError;
-      throw err;
-    } finally {
-      this.observe("qemu", command, (performance.now() - started) / 1000, answered);
-    }
+  private execute(command: string, args: Record<string, unknown> | undefined, signal: AbortSignal): Promise<unknown> {
+    return observed(
+      this.observe,
+      "qemu",
+      command,
+      () => this.client.execute(command, args, signal),
+      (err) => err instanceof QmpError,
+    );
   }
 }
 
