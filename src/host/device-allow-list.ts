@@ -6,6 +6,7 @@ import fs from "node:fs/promises";
 import path from "node:path";
 import { VfiodError } from "../errors";
 import { parsePciAddress, type PciAddress } from "../pci/address";
+import { pciDevicesDir } from "./sysfs";
 
 interface IdRule {
   readonly vendor: string;
@@ -65,7 +66,7 @@ export class DeviceAllowList {
   }
 
   private async readId(device: PciAddress): Promise<IdRule | undefined> {
-    const dir = path.join(this.sysfsRoot, "sys/bus/pci/devices", device.bdf);
+    const dir = path.join(pciDevicesDir(this.sysfsRoot), device.bdf);
     // The kernel writes "0x10de\n"; a rule holds 4 lower-case hex digits.
     const read = async (file: string) =>
       (await fs.readFile(path.join(dir, file), "utf8")).trim().toLowerCase().replace(/^0x/, "").padStart(4, "0");

@@ -7,8 +7,10 @@
 // match with the fewest wildcards wins (the first of equals). libvirt loads the
 // module if needed; vfiod loads no modules: a variant that is not loaded is
 // skipped, and said so.
+import { existsSync } from "node:fs";
 import fs from "node:fs/promises";
 import path from "node:path";
+import { pciDevicesDir } from "./sysfs";
 
 const ALIAS_PREFIX = "alias vfio_pci:";
 
@@ -56,12 +58,12 @@ export class VfioDriverChooser {
   ) {}
 
   /** Whether vfio-pci itself is loaded (its driver directory exists). */
-  async vfioPciLoaded(): Promise<boolean> {
-    return exists(path.join(this.root, "sys/bus/pci/drivers/vfio-pci"));
+  vfioPciLoaded(): boolean {
+    return existsSync(path.join(this.root, "sys/bus/pci/drivers/vfio-pci"));
   }
 
   async choose(bdf: string): Promise<VfioDriverChoice> {
-    const modalias = await fs.readFile(path.join(this.root, "sys/bus/pci/devices", bdf, "modalias"), "utf8").catch(() => "");
+    const modalias = await fs.readFile(path.join(pciDevicesDir(this.root), bdf, "modalias"), "utf8").catch(() => "");
     const aliases = await this.modulesAlias();
     const module = aliases === undefined ? undefined : bestVariant(aliases, modalias);
     if (module === undefined) return { driver: "vfio-pci" };
@@ -75,8 +77,7 @@ export class VfioDriverChooser {
     const drivers = await fs.readdir(path.join(this.root, "sys/module", module, "drivers")).catch(() => [] as string[]);
     const registered = drivers.find((name) => name.startsWith("pci:"))?.slice("pci:".length);
     const candidates = [registered, module, module.replaceAll("_", "-")].filter((name): name is string => name !== undefined);
-    for (const name of candidates) if (await exists(path.join(this.root, "sys/bus/pci/drivers", name))) return name;
-    return undefined;
+    return candidates.find((name) => existsSync(path.join(this.root, "sys/bus/pci/drivers", name)));
   }
 
   /** modules.alias of the running kernel, re-read only when it changes; undefined when absent. */
@@ -95,9 +96,3 @@ export class VfioDriverChooser {
   }
 }
 
-async function exists(file: string): Promise<boolean> {
-  return fs.stat(file).then(
-    () => true,
-    () => false,
-  );
-}

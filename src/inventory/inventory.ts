@@ -161,7 +161,7 @@ export class Inventory {
     } catch (err) {
       if (!isVfiodError(err, "VM_NOT_FOUND")) throw err;
       const unread = snapshot.incomplete ? "; some VM records could not be read (see the vfiod log)" : "";
-      const sources = await this.describeSources(snapshot);
+      const sources = this.describeSources(snapshot);
       throw new VfiodError("VM_NOT_FOUND", `${err.message} among ${sources}${unread}`, { cause: err });
     }
     const cocoonVm = snapshot.cocoon.find((vm) => vm.record === found);
@@ -200,10 +200,10 @@ export class Inventory {
    * Where vfiod looked, for a VM_NOT_FOUND a newcomer can act on: "the 0 VMs vfiod
    * can see (no --inventory file given; cocoon root /var/lib/cocoon does not exist)".
    */
-  private async describeSources(snapshot: Snapshot): Promise<string> {
+  private describeSources(snapshot: Snapshot): string {
     const total = snapshot.fixed.length + snapshot.cocoon.length;
     const { fixedFile: fixed, cocoonFilesRead: cocoon } = snapshot;
-    const cocoonRootExists = this.cocoonRoot !== undefined && (await exists(this.cocoonRoot));
+    const cocoonRootExists = this.cocoonRoot !== undefined && fs.existsSync(this.cocoonRoot);
     const file = this.inventoryFile;
     const staticPart =
       file === undefined
@@ -234,14 +234,5 @@ export class Inventory {
       );
     }
     return true;
-  }
-}
-
-async function exists(file: string): Promise<boolean> {
-  try {
-    await fsp.stat(file);
-    return true;
-  } catch {
-    return false;
   }
 }

@@ -28,7 +28,7 @@ import { VfiodError } from "../errors";
 import { BindingState, type BindingRecord } from "../host/binding-state";
 import type { HostUseCheck } from "../host/host-use";
 import { isVfioDriver } from "../host/preflight";
-import { readLinkName } from "../host/sysfs";
+import { pciDevicesDir, readLinkName } from "../host/sysfs";
 import type { SysfsWriter } from "../host/sysfs-writer";
 import type { VfioDriverChoice, VfioDriverChooser } from "../host/vfio-driver";
 import type { VfioHolders } from "../host/vfio-holders";
@@ -37,7 +37,7 @@ import type { KeyedLocks } from "../keyed-locks";
 import type { Logger } from "../log";
 import { addressOfBdf } from "../pci/address";
 import { sameVm, vmKey, type DeviceView } from "../view/device-view";
-import fs from "node:fs/promises";
+import fs from "node:fs";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 
@@ -122,7 +122,7 @@ export class ManagedBinding {
       if (!onVfio) toBind.push(bdf);
       devices.push({ bdf, current, target: undefined, prior });
     }
-    if (toBind.length > 0 && !(await this.deps.drivers.vfioPciLoaded())) {
+    if (toBind.length > 0 && !this.deps.drivers.vfioPciLoaded()) {
       throw new VfiodError(
         "DEVICE_NOT_VFIO",
         `managed binding of ${toBind.join(", ")}: vfio-pci is not loaded (vfiod loads no modules); run modprobe vfio-pci`,
@@ -145,14 +145,14 @@ export class ManagedBinding {
   async bind(device: PlannedDevice, record: BindingRecord, vm: VmRecord, log: Logger): Promise<void> {
     const { bdf, current, target } = device;
     if (target === undefined) return; // on vfio-pci already, because of vfiod: only the record changed hands
-    const dev = `/sys/bus/pci/devices/${bdf}`;
+    const dev = addressOfBdf(bdf).path;
     await this.write(`${dev}/driver_override`, target.driver, bdf);
     if (current !== undefined) await this.write(`${dev}/driver/unbind`, bdf, bdf);
     await this.write("/sys/bus/pci/drivers_probe", bdf, bdf);
     const started = Date.now();
     for (;;) {
       const now = this.driverOf(bdf);
-      if (now === target.driver && (await this.hasVfioNode(bdf))) break;
+      if (now === target.driver && this.hasVfioNode(bdf)) break;
       const waitMs = this.deps.bindWaitMs ?? BIND_WAIT_MS;
       if (Date.now() - started > waitMs) {
         const state = now === target.driver ? `bound, but its VFIO group node did not appear` : `it is on ${now ?? "no driver"}`;
@@ -240,10 +240,7 @@ export class ManagedBinding {
       } catch {
         current = undefined;
       }
-      const exists = await fs.stat(path.join(this.deps.sysfsRoot, "sys/bus/pci/devices", record.bdf)).then(
-        () => true,
-        () => false,
-      );
+      const exists = fs.existsSync(this.deviceDir(record.bdf));
       const fields = { device: record.bdf, driver: record.driver, phase: record.phase, vm: record.vm.name, id: record.id };
       if (!exists) {
         log.warn(fields, "managed binding: a recorded device is gone from the host; record forgotten");
@@ -317,7 +314,7 @@ export class ManagedBinding {
    */
   private async underGroupLock<T>(bdf: string, waitMs: number, fn: () => Promise<T>): Promise<T | false> {
     try {
-      return await this.deps.locks.run(groupLockKey(await this.groupOf(bdf)), AbortSignal.timeout(waitMs), () => new GroupBusy(), fn);
+      return await this.deps.locks.run(groupLockKey(this.groupOf(bdf) ?? `none-${bdf}`), AbortSignal.timeout(waitMs), () => new GroupBusy(), fn);
     } catch (err) {
       if (err instanceof GroupBusy) return false;
       throw err;
@@ -426,7 +423,7 @@ export class ManagedBinding {
    */
   private async restore(record: BindingRecord, log: Logger, why: string): Promise<string> {
     const { bdf } = record;
-    const dev = `/sys/bus/pci/devices/${bdf}`;
+    const dev = addressOfBdf(bdf).path;
     const current = this.driverOf(bdf);
     const started = Date.now();
     await this.write(`${dev}/driver_override`, "\n", bdf);
@@ -519,21 +516,27 @@ export class ManagedBinding {
     }
   }
 
-  private driverOf(bdf: string): string | undefined {
-    return readLinkName(path.join(this.deps.sysfsRoot, "sys/bus/pci/devices", bdf, "driver"));
+  private deviceDir(bdf: string): string {
+    return path.join(pciDevicesDir(this.deps.sysfsRoot), bdf);
   }
 
-  private async groupOf(bdf: string): Promise<string> {
-    return (readLinkName(path.join(this.deps.sysfsRoot, "sys/bus/pci/devices", bdf, "iommu_group"))) ?? `none-${bdf}`;
+  private driverOf(bdf: string): string | undefined {
+    return readLinkName(path.join(this.deviceDir(bdf), "driver"));
+  }
+
+  private groupOf(bdf: string): string | undefined {
+    return readLinkName(path.join(this.deviceDir(bdf), "iommu_group"));
   }
 
   /** /dev/vfio/<group> or a cdev under vfio-dev/ exists. */
-  private async hasVfioNode(bdf: string): Promise<boolean> {
-    const root = this.deps.sysfsRoot;
-    const group = readLinkName(path.join(root, "sys/bus/pci/devices", bdf, "iommu_group"));
-    const groupNode = group !== undefined && (await fs.stat(path.join(root, "dev/vfio", group)).then(() => true, () => false));
-    const cdevs = await fs.readdir(path.join(root, "sys/bus/pci/devices", bdf, "vfio-dev")).catch(() => [] as string[]);
-    return groupNode || cdevs.length > 0;
+  private hasVfioNode(bdf: string): boolean {
+    const group = this.groupOf(bdf);
+    if (group !== undefined && fs.existsSync(path.join(this.deps.sysfsRoot, "dev/vfio", group))) return true;
+    try {
+      return fs.readdirSync(path.join(this.deviceDir(bdf), "vfio-dev")).length > 0;
+    } catch {
+      return false; // no cdev: not bound to a VFIO driver, or a kernel without device cdevs
+    }
   }
 }
 
@@ -631,7 +634,7 @@ function vmOf(record: BindingRecord): VmRecord {
 }
 
 function deviceOf(bdf: string, id: string): AttachedDevice {
-  return { id, bdf, path: `/sys/bus/pci/devices/${bdf}`, guestBdf: "" };
+  return { id, ...addressOfBdf(bdf), guestBdf: "" };
 }
 
 /** Without --manage-binding: says so when --state-dir still names devices an earlier vfiod bound. */
