@@ -21,7 +21,8 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import { VfiodError } from "../errors";
-import type { VfioHolders } from "./vfio-holders";
+import { pciDevicesDir, readText } from "./sysfs";
+import { commandLineOf, type VfioHolders } from "./vfio-holders";
 
 /** Directories walked under one device at most: real ones hold tens. */
 const MAX_DIRS = 4096;
@@ -81,11 +82,11 @@ export class HostUseCheck {
     const uses = new Map<string, string[]>();
     for (const bdf of bdfs) {
       const found: string[] = [];
-      const dir = path.join(this.sysfsRoot, "sys/bus/pci/devices", bdf);
-      if ((await readText(path.join(dir, "boot_vga"))) === "1") {
+      const dir = path.join(pciDevicesDir(this.sysfsRoot), bdf);
+      if (readText(path.join(dir, "boot_vga")) === "1") {
         found.push("it is the boot VGA device (the firmware console's framebuffer)");
       }
-      const vfs = Number(await readText(path.join(dir, "sriov_numvfs")));
+      const vfs = Number(readText(path.join(dir, "sriov_numvfs")));
       if (vfs > 0) found.push(`it has ${vfs} SR-IOV virtual functions enabled (unbinding its driver removes them)`);
       const tree = await this.walk(dir);
       if (tree.incomplete !== undefined) found.push(`cannot tell: ${tree.incomplete}`);
@@ -147,8 +148,7 @@ export class HostUseCheck {
     for (const [bdf, tree] of trees) {
       for (const node of tree.nodes) {
         for (const process of open.get(node) ?? []) {
-          const command = process.args.length > 0 ? process.args.join(" ").slice(0, 120) : process.command;
-          uses.get(bdf)!.push(`${node} is open by process ${process.pid} (${command})`);
+          uses.get(bdf)!.push(`${node} is open by process ${process.pid} (${commandLineOf(process)})`);
         }
       }
     }
@@ -188,14 +188,14 @@ export class HostUseCheck {
       () => path.basename(path.dirname(dir)), // no subsystem link: the class directory's name (net/eth0)
     );
     if (subsystem === "net") {
-      const flags = Number.parseInt((await readText(path.join(dir, "flags"))) ?? "", 16);
-      const operstate = await readText(path.join(dir, "operstate"));
+      const flags = Number.parseInt(readText(path.join(dir, "flags")) ?? "", 16);
+      const operstate = readText(path.join(dir, "operstate"));
       tree.interfaces.push({ name, up: (!Number.isNaN(flags) && (flags & IFF_UP) !== 0) || operstate === "up" });
       return;
     }
-    const devno = await readText(path.join(dir, "dev"));
+    const devno = readText(path.join(dir, "dev"));
     if (devno !== undefined) {
-      const devname = /^DEVNAME=(.+)$/m.exec((await readText(path.join(dir, "uevent"))) ?? "")?.[1];
+      const devname = /^DEVNAME=(.+)$/m.exec(readText(path.join(dir, "uevent")) ?? "")?.[1];
       const node = `/dev/${devname ?? name}`;
       if (!tree.nodes.includes(node)) tree.nodes.push(node);
       if (subsystem === "block" && !seenBlocks.has(devno)) {
@@ -252,12 +252,4 @@ export function parseSwaps(text: string): string[] {
 /** The kernel writes " " as "\040" (and tab, newline, backslash likewise) in these files. */
 function unescapeOctal(text: string): string {
   return text.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
-}
-
-async function readText(file: string): Promise<string | undefined> {
-  try {
-    return (await fs.readFile(file, "utf8")).trim();
-  } catch {
-    return undefined;
-  }
 }

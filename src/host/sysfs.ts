@@ -39,7 +39,8 @@ export function readLinkName(link: string): string | undefined {
   }
 }
 
-function readText(file: string): string | undefined {
+/** A sysfs attribute's text, trimmed; undefined when it cannot be read. */
+export function readText(file: string): string | undefined {
   try {
     return fs.readFileSync(file, "utf8").trim();
   } catch {

@@ -32,6 +32,15 @@ export interface HolderProcess {
   readonly args: readonly string[];
 }
 
+/** A command line shown in messages: long enough to tell a VMM from a DPDK app. */
+const MAX_COMMAND = 120;
+
+/** The process's command line (its comm when that cannot be read), cut at MAX_COMMAND characters. */
+export function commandLineOf(process: HolderProcess): string {
+  const line = process.args.length > 0 ? process.args.join(" ") : process.command;
+  return line.length > MAX_COMMAND ? `${line.slice(0, MAX_COMMAND)}...` : line;
+}
+
 /** The VFIO nodes through which a device can be held. */
 export interface VfioNodes {
   /** IOMMU group number, undefined without an iommu_group link. */

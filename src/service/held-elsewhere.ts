@@ -4,7 +4,7 @@
 // what vfiod knows each VM holds (a device configured but not opened yet). The
 // cost does not grow with the number of VMs: no hypervisor is asked.
 import { VfiodError } from "../errors";
-import type { HolderProcess, VfioHolders } from "../host/vfio-holders";
+import { commandLineOf, type HolderProcess, type VfioHolders } from "../host/vfio-holders";
 import { commandLineNamesSocket } from "../inventory/command-line";
 import type { VmRecord } from "../inventory/vm";
 import type { IommuGroup } from "../host/preflight";
@@ -31,8 +31,6 @@ export interface HeldElsewhereDeps {
   /** Every VM record vfiod can see, without liveness checks (cheap). */
   readonly records: () => Promise<readonly VmRecord[]>;
 }
-
-const MAX_COMMAND = 120;
 
 export class HeldElsewhere {
   constructor(private readonly deps: HeldElsewhereDeps) {}
@@ -72,13 +70,8 @@ export class HeldElsewhere {
   /** The VM whose control socket the process's command line names, if any. */
   identify(process: HolderProcess, records: readonly VmRecord[]): Holder {
     const vm = records.find((record) => commandLineNamesSocket(process.args, record.socket));
-    return { pid: process.pid, command: commandOf(process), ...(vm === undefined ? {} : { vm }) };
+    return { pid: process.pid, command: commandLineOf(process), ...(vm === undefined ? {} : { vm }) };
   }
-}
-
-function commandOf(process: HolderProcess): string {
-  const line = process.args.length > 0 ? process.args.join(" ") : process.command;
-  return line.length > MAX_COMMAND ? `${line.slice(0, MAX_COMMAND)}...` : line;
 }
 
 /** DEVICE_IN_USE naming the holder; `heldBdf` when what is held is another function of the device's IOMMU group. */
