@@ -37,11 +37,6 @@ export class FreshReads<T> {
     return untilAborted(shared, signal, what);
   }
 
-  /** Keys with a read running or queued (for tests and metrics). */
-  size(): number {
-    return this.slots.size;
-  }
-
   private start(key: string, slot: Slot<T>, read: () => Promise<T>): Promise<T> {
     slot.queued = undefined;
     const running = read();

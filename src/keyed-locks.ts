@@ -36,11 +36,6 @@ export class KeyedLocks {
     }
   }
 
-  /** Keys held or waited for now (for tests and metrics). */
-  size(): number {
-    return this.entries.size;
-  }
-
   /** Callers waiting for `key` beyond those holding it. */
   waiting(key: string): number {
     return Math.max(0, (this.entries.get(key)?.users ?? 0) - this.capacity);

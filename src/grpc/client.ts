@@ -13,7 +13,7 @@ import { ERROR_DOMAIN, STATUS_DETAILS_KEY } from "./status";
 
 export type DeviceClient = ServiceClient<typeof DeviceService>;
 export type InventoryClient = ServiceClient<typeof InventoryService>;
-/** Health's unary methods, Check and List (its Watch streams and is not on it). */
+/** grpc.health.v1.Health: Check and List as promises, Watch as a stream. */
 export type HealthClient = ServiceClient<typeof Health>;
 
 export function createDeviceClient(

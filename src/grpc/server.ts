@@ -117,7 +117,11 @@ function requestIdOf(metadata: grpc.Metadata): string {
 }
 
 type Method = "Attach" | "Detach" | "List" | "Watch" | "ListVms" | "ListHostDevices";
-const MUTATIONS: ReadonlySet<Method> = new Set(["Attach", "Detach"]);
+
+/** Attach and Detach change a VM: logged at info when they succeed, and audited. */
+function isMutation(method: Method): method is AuditEntry["method"] {
+  return method === "Attach" || method === "Detach";
+}
 
 /**
  * Runs one call: its request id (taken or made, and sent back in the initial
@@ -169,7 +173,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
         const gaveUp = context.signal.aborted ? { callerGaveUp: true } : {};
         const fields = { requestId, method, caller: caller.identity, ...(vmRef === undefined ? {} : { vmRef }), ...facts, ms, ...gaveUp };
         if (failure === undefined) {
-          if (MUTATIONS.has(method)) log.info(fields, `${method} done`);
+          if (isMutation(method)) log.info(fields, `${method} done`);
           else log.debug(fields, `${method} done`);
         } else if (failure instanceof VfiodError) {
           const level = failure.code === Code.INTERNAL || failure.code === Code.UNAVAILABLE ? "warn" : "info";
@@ -177,7 +181,7 @@ function callRunner(log: Logger, options: VfiodServerOptions) {
         } else {
           log.error({ ...fields, err: failure }, `${method} failed: internal error`);
         }
-        if (method === "Attach" || method === "Detach") {
+        if (isMutation(method)) {
           const entry: AuditEntry = {
             requestId,
             caller: caller.identity,

@@ -236,17 +236,19 @@ export class CloudHypervisorBackend implements DeviceLister, DeviceAttacher {
     const info = await client.vmInfo(signal);
     requireRunning(vm, info);
     const configured = devicesOf(info).find((d) => d.id === id);
+    const pending = this.removals.pending(vm.socket, id);
+    const removed = this.removals.removed(vm.socket, id);
     let bdf: string;
     if (configured !== undefined) {
       bdf = addressOf(configured.path)?.bdf ?? "";
       await client.removeDevice(id, signal);
       this.removals.requested(vm.socket, id, bdf);
-    } else if (this.removals.pending(vm.socket, id) !== undefined) {
+    } else if (pending !== undefined) {
       // A second remove is refused by v53.0 (PR #8559): never repeat one, only wait.
-      bdf = this.removals.pending(vm.socket, id) ?? "";
-    } else if (this.removals.removed(vm.socket, id) !== undefined && !hasNode(info, id)) {
+      bdf = pending;
+    } else if (removed !== undefined && !hasNode(info, id)) {
       // The removal vfiod requested has completed: a retried Detach succeeds.
-      return heldDevice(id, this.removals.removed(vm.socket, id) ?? "", info);
+      return heldDevice(id, removed, info);
     } else if (isPendingVfioNode(info, id)) {
       // Requested before vfiod (re)started, or by someone else: wait for it too.
       bdf = "";
