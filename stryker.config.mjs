@@ -3,7 +3,7 @@
 //
 // StrykerJS 8 because 9 and later need Node 22; vfiod runs on Node 20.
 //
-// Equivalent mutants: none survive today (351 of 351 killed). Two pieces of
+// Equivalent mutants: none survive today (350 of 350 killed). Two pieces of
 // redundant code whose mutants were equivalent were removed rather than listed:
 // - src/inventory/resolve.ts notFound: `ref.length < MIN_PREFIX && ...` became
 //   just the `vms.some(...)` test. notFound runs only after the prefix tier found
