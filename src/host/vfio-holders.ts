@@ -6,11 +6,15 @@
 //
 // A scan costs one stat per process: the kernel reports how many files a process
 // has open as the size of /proc/<pid>/fd (Linux 6.2+), and only a process whose count
-// changed since the last scan has its open files read again (a readlink each). No
-// hypervisor is asked, and concurrent callers share a scan begun after they asked.
-// A process that swapped one open file for a group node between two scans, keeping
-// its count, is missed until its count changes: the kernel still refuses the second
-// opener (EBUSY), which the hypervisor reports and vfiod answers as DEVICE_IN_USE.
+// changed since the last scan has its open files read again (a readlink each). A
+// process with no open files at all (a kernel thread; a host has hundreds) is not
+// looked at again for a second. No hypervisor is asked, and concurrent callers
+// share a scan begun after they asked.
+// What a scan can miss: a process that swapped one open file for a group node
+// between two scans, keeping its count, until its count changes; and, for up to a
+// second, one that opened a group node as its first open file (or took a pid freed
+// in that second). The kernel still refuses the second opener (EBUSY), which the
+// hypervisor reports and vfiod answers as DEVICE_IN_USE.
 // A scan of its own, reading every open file, finds who holds other device nodes
 // open (openers(): a disk's /dev/nvme0n1, a GPU's /dev/dri/card0), for managed
 // binding's host-use check.
@@ -52,6 +56,9 @@ export interface VfioNodes {
 /** Processes scanned between two yields to the event loop. */
 const PIDS_PER_TURN = 32;
 
+/** How long a process seen with no open files is taken to have none still. */
+const NO_FILES_RECHECK_MS = 1000;
+
 /** Whether this kernel reports a process's open files as the size of /proc/<pid>/fd (6.2+): vfiod has some open. */
 const KERNEL_COUNTS_OPEN_FILES = (() => {
   try {
@@ -63,8 +70,8 @@ const KERNEL_COUNTS_OPEN_FILES = (() => {
 
 export class VfioHolders {
   private readonly scans = new FreshReads<Map<string, number[]>>();
-  /** What the last scan found in each process: its open-file count, and the VFIO nodes among them. */
-  private readonly seen = new Map<string, { readonly count: number; readonly nodes: readonly string[] }>();
+  /** What the last look at each process found: its open-file count, the VFIO nodes among them, and when. */
+  private readonly seen = new Map<string, { readonly count: number; readonly nodes: readonly string[]; readonly at: number }>();
   private readonly hostRoot: string;
   private readable: boolean | undefined;
 
@@ -162,9 +169,10 @@ export class VfioHolders {
   private async scan(): Promise<Map<string, number[]>> {
     const index = new Map<string, number[]>();
     const alive = new Set<string>();
+    const now = performance.now();
     await this.eachProcess((pid) => {
       alive.add(pid);
-      for (const node of this.nodesHeldBy(pid)) index.set(node, [...(index.get(node) ?? []), Number(pid)]);
+      for (const node of this.nodesHeldBy(pid, now)) index.set(node, [...(index.get(node) ?? []), Number(pid)]);
     });
     for (const pid of this.seen.keys()) if (!alive.has(pid)) this.seen.delete(pid);
     return index;
@@ -189,11 +197,16 @@ export class VfioHolders {
     }
   }
 
-  /** The VFIO nodes process `pid` has open: read again only when its open-file count changed. */
-  private nodesHeldBy(pid: string): readonly string[] {
+  /**
+   * The VFIO nodes process `pid` has open: read again only when its open-file count
+   * changed, and not looked at within NO_FILES_RECHECK_MS of having none.
+   */
+  private nodesHeldBy(pid: string, now: number): readonly string[] {
+    const last = this.seen.get(pid);
+    if (KERNEL_COUNTS_OPEN_FILES && last?.count === 0 && now - last.at < NO_FILES_RECHECK_MS) return [];
     let count: number | undefined;
     try {
-      count = fs.statSync(path.join(this.procRoot, pid, "fd"), { throwIfNoEntry: false })?.size;
+      count = fs.statSync(`${this.procRoot}/${pid}/fd`, { throwIfNoEntry: false })?.size;
     } catch {
       count = undefined; // not ours to read
     }
@@ -203,11 +216,13 @@ export class VfioHolders {
     }
     // Kernels before 6.2 report 0 for every process: no shortcut there. On later ones 0
     // means none (kernel threads), so there is nothing to read.
-    if (count === 0 && KERNEL_COUNTS_OPEN_FILES) return [];
-    const last = this.seen.get(pid);
+    if (count === 0 && KERNEL_COUNTS_OPEN_FILES) {
+      this.seen.set(pid, { count, nodes: [], at: now });
+      return [];
+    }
     if (last !== undefined && count !== 0 && last.count === count) return last.nodes;
     const nodes = [...new Set(this.openFiles(pid).filter(isVfioNode))];
-    this.seen.set(pid, { count, nodes });
+    this.seen.set(pid, { count, nodes, at: now });
     return nodes;
   }
 

@@ -224,10 +224,9 @@ export class ChDouble {
 
   async close(): Promise<void> {
     this.releaseGroups();
-    this.vmm?.stop();
     this.lifetime.abort();
     for (const socket of this.connections) socket.destroy();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await Promise.all([this.vmm?.stop(), new Promise<void>((resolve) => this.server.close(() => resolve()))]);
   }
 
   /** The next request to `endpoint` ("vm.add-device") meets `fault`; several queue up in order. */

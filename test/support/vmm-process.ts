@@ -70,8 +70,12 @@ export class VmmProcess {
     return this.last;
   }
 
-  stop(): void {
+  /** Kills it; resolves once it has exited, so /proc no longer lists it. */
+  stop(): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return Promise.resolve();
+    const exited = new Promise<void>((resolve) => this.child.once("exit", () => resolve()));
     this.child.kill("SIGKILL");
+    return exited;
   }
 
   private send(command: string): void {
