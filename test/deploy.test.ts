@@ -1,6 +1,7 @@
-// deploy/: the systemd unit, its example environment file, the container recipe and the
-// Kubernetes DaemonSet agree with vfiod's flags and with each other, and the DaemonSet's
-// health probe works against a real vfiod. (.ci/run runs systemd-analyze verify on the unit;
+// deploy/: the systemd unit, its example environment file, its managed-binding drop-in, the
+// container recipe and the Kubernetes DaemonSet agree with vfiod's flags and with each other;
+// the drop-in opens every sysfs file managed binding writes; the DaemonSet's health probe works
+// against a real vfiod. (.ci/run runs systemd-analyze verify on the unit;
 // no container engine runs here, so the Containerfile is checked as text only.)
 import { spawnSync } from "node:child_process";
 import fs from "node:fs";
@@ -8,7 +9,13 @@ import os from "node:os";
 import path from "node:path";
 import yaml from "js-yaml";
 import { parseConfig, parseDuration, UsageError, type Config } from "../src/config";
+import { DeviceAllowList } from "../src/host/device-allow-list";
+import { ChDouble } from "./support/ch-double";
+import { FakeKernel, RecordingWriter } from "./support/fake-kernel";
+import { buildFakeSysfs } from "./support/fake-sysfs";
+import { startTestServer } from "./support/test-server";
 import { INSTALL_PARTS, startVfiod, type VfiodProcess } from "./support/vfiod-process";
+import { waitFor } from "./support/wait";
 
 const DEPLOY = path.resolve(__dirname, "../deploy");
 const CHECKOUT = path.resolve(__dirname, "..");
@@ -96,6 +103,63 @@ describe("deploy/vfiod.service", () => {
     expect(setting("MemoryDenyWriteExecute")).toEqual([]);
     expect(setting("ProtectSystem")).toEqual(["strict"]);
     expect(setting("ReadWritePaths")).toEqual(["-/var/lib/cocoon/run"]);
+  });
+});
+
+describe("deploy/vfiod.service.d/managed-binding.conf", () => {
+  const dropIn = unitSettings(read("vfiod.service.d/managed-binding.conf"));
+  const dropInEnv = Object.fromEntries((dropIn.get("Environment") ?? []).map((assignment) => assignment.split(/=(.*)/s).slice(0, 2)));
+  const writable = (dropIn.get("ReadWritePaths") ?? []).join(" ").split(/\s+/);
+
+  test("turns managed binding on; with /etc/default/vfiod's allow-list vfiod takes it, and keeps --state-dir across a stop", () => {
+    const [, allowList] = /^#VFIOD_ALLOW_DEVICES=(.*)$/m.exec(read("vfiod.default"))!;
+    const config = configOf({ ...unitEnv, ...dropInEnv, VFIOD_ALLOW_DEVICES: allowList! });
+    expect(config.manageBinding).toBe(true);
+    expect(config.stateDir).toBe(`/run/${setting("RuntimeDirectory").join(" ")}`);
+    expect(dropIn.get("RuntimeDirectoryPreserve")).toEqual(["yes"]);
+    // Without an allow-list vfiod does not start: a usage error, which the unit does not restart.
+    expect(() => configOf({ ...unitEnv, ...dropInEnv })).toThrow(UsageError);
+    expect(setting("RestartPreventExitStatus")).toEqual(["2"]);
+  });
+
+  test("makes writable every sysfs file a managed Attach and Detach write, the kernel's links followed", async () => {
+    const nic = "0000:02:00.0";
+    const functions = [{ bdf: nic, driver: "e1000e", group: 20, vendor: "0x8086", device: "0x10d3", pciClass: "0x020000" }];
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), "vfiod-dropin-"));
+    const sysfs = buildFakeSysfs(functions, { groupNodes: "vfio-bound" });
+    const written: string[] = [];
+    // Where each write lands once sysfs's symlinks are followed, taken before the kernel acts on it.
+    const writer = new (class extends RecordingWriter {
+      override async write(file: string, value: string): Promise<void> {
+        written.push(fs.realpathSync(path.join(sysfs.root, file)).slice(sysfs.root.length));
+        await super.write(file, value);
+      }
+    })(new FakeKernel(sysfs, functions));
+    const ch = await ChDouble.start(path.join(dir, "ch.sock"), { sysfsRoot: sysfs.root, ejectAfterMs: 5 });
+    ch.setState("Running");
+    const inventoryFile = path.join(dir, "inventory.json");
+    fs.writeFileSync(inventoryFile, JSON.stringify({ vms: [{ name: "vm", hypervisor: "cloud-hypervisor", socket: ch.socketPath }] }));
+    const server = await startTestServer({
+      inventoryFile,
+      sysfsRoot: sysfs.root,
+      detachTimeoutMs: 500,
+      allowList: DeviceAllowList.parse(nic, sysfs.root),
+      binding: { stateDir: path.join(dir, "state"), writer, pollMs: 50 },
+    });
+    try {
+      await server.client.attach({ vm: "vm", pci: nic, id: "nic0", managed: true });
+      await server.client.detach({ vm: "vm", id: "nic0" });
+      await waitFor(() => written.length >= 6, "the driver is given back");
+    } finally {
+      await server.stop();
+      await ch.close();
+      sysfs.cleanup();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    expect(written.length).toBe(6);
+    expect(written.filter((file) => !writable.some((dir) => file.startsWith(`${dir}/`)))).toEqual([]);
+    // driver_override is under /sys/devices, not /sys/bus/pci: both are needed.
+    expect(writable.filter((dir) => !written.some((file) => file.startsWith(`${dir}/`)))).toEqual([]);
   });
 });
 
