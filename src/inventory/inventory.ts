@@ -108,13 +108,27 @@ class WatchedFile<T> {
   }
 }
 
-interface Snapshot {
-  readonly fixed: readonly VmRecord[];
-  readonly cocoon: readonly CocoonVm[];
+/** What every source held at one look. */
+class Snapshot {
+  constructor(
+    readonly fixedFile: FileState<VmRecord>,
+    readonly cocoonFiles: readonly FileState<CocoonVm>[],
+    /** cocoon also keeps VM records in sqlite, which vfiod does not read. */
+    private readonly metaDb: boolean,
+  ) {}
+
+  get fixed(): readonly VmRecord[] {
+    return this.fixedFile.items;
+  }
+
+  get cocoon(): CocoonVm[] {
+    return this.cocoonFiles.flatMap((file) => file.items);
+  }
+
   /** Some records exist that vfiod could not read, so a miss may be a false one. */
-  readonly incomplete: boolean;
-  readonly fixedFile: FileState<VmRecord>;
-  readonly cocoonFilesRead: readonly FileState<CocoonVm>[];
+  get incomplete(): boolean {
+    return this.metaDb || this.fixedFile.unreadable || this.cocoonFiles.some((file) => file.unreadable);
+  }
 }
 
 export class Inventory {
@@ -187,13 +201,7 @@ export class Inventory {
       this.metaDbExists(),
       ...this.cocoonFiles.map((file) => file.read()),
     ]);
-    return {
-      fixed: fixed.items,
-      cocoon: cocoon.flatMap((file) => file.items),
-      incomplete: metaDb || fixed.unreadable || cocoon.some((file) => file.unreadable),
-      fixedFile: fixed,
-      cocoonFilesRead: cocoon,
-    };
+    return new Snapshot(fixed, cocoon, metaDb);
   }
 
   /**
@@ -202,7 +210,7 @@ export class Inventory {
    */
   private describeSources(snapshot: Snapshot): string {
     const total = snapshot.fixed.length + snapshot.cocoon.length;
-    const { fixedFile: fixed, cocoonFilesRead: cocoon } = snapshot;
+    const { fixedFile: fixed, cocoonFiles: cocoon } = snapshot;
     const cocoonRootExists = this.cocoonRoot !== undefined && fs.existsSync(this.cocoonRoot);
     const file = this.inventoryFile;
     const staticPart =
