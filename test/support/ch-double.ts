@@ -188,6 +188,7 @@ export class ChDouble {
   private readonly profile: ChProfile;
   private readonly lifetime = new AbortController();
   private readonly connections = new Set<net.Socket>();
+  private peak = 0;
   private readonly faults = new Map<string, ChFault[]>();
   private queue: Promise<void> = Promise.resolve();
 
@@ -272,6 +273,16 @@ export class ChDouble {
     this.eject(id);
   }
 
+  /** Connections open now. */
+  get openConnections(): number {
+    return this.connections.size;
+  }
+
+  /** The most connections open at once so far. */
+  get peakConnections(): number {
+    return this.peak;
+  }
+
   /** Takes all of CH's connections, as other API users might; returns what releases them. */
   async occupyAllConnections(): Promise<() => void> {
     const socketPath = this.socketPath;
@@ -309,6 +320,7 @@ export class ChDouble {
       return;
     }
     this.connections.add(socket);
+    this.peak = Math.max(this.peak, this.connections.size);
     socket.on("close", () => this.connections.delete(socket));
     socket.on("error", () => socket.destroy());
     let buffer = Buffer.alloc(0);

@@ -1,11 +1,11 @@
 // The Cloud Hypervisor client against the double over real Unix sockets: one test
-// per endpoint and per error mapping.
+// per endpoint and per error mapping, and how it uses CH's 10 connections.
 import { spawn } from "node:child_process";
 import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { CloudHypervisorSockets, type CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
+import { CloudHypervisorSockets, CONNECTIONS_PER_SOCKET, type CloudHypervisorClient } from "../../../src/backends/cloud-hypervisor/client";
 import { Code, VfiodError, type Reason } from "../../../src/errors";
 import { ChDouble, type ChProfile } from "../../support/ch-double";
 import { vfiodRejection } from "../../support/rejection";
@@ -119,9 +119,31 @@ describe("endpoints", () => {
     expect(ch.pendingRemovals()).toEqual(["gpu0"]);
   });
 
-  test("every call closes its connection: more calls than CH's 10 connections all succeed", async () => {
-    const { client } = await start();
+});
+
+describe("connections", () => {
+  test(`30 concurrent calls use at most ${CONNECTIONS_PER_SOCKET} connections; another API client still gets one meanwhile`, async () => {
+    double = await ChDouble.start(socketPath, { replyDelayMs: 20 });
+    const client = newClient();
+    const calls = Array.from({ length: 30 }, () => client.ping(signal()));
+    await waitFor(() => double!.openConnections === CONNECTIONS_PER_SOCKET, "vfiod's connections are open");
+    // ch-remote, or cocoon's CLI, while vfiod's 30 calls are queued.
+    const other = new CloudHypervisorSockets(5000);
+    try {
+      await expect(other.client(socketPath, VM).ping(signal())).resolves.toMatchObject({ version: "54.0.0" });
+    } finally {
+      await other.close();
+    }
+    await Promise.all(calls);
+    expect(double.peakConnections).toBe(CONNECTIONS_PER_SOCKET + 1);
+  });
+
+  test("connections are kept between calls, and closed once idle so they hold none of CH's 10", async () => {
+    const { ch, client } = await start();
     for (let i = 0; i < 15; i++) await client.ping(signal());
+    expect(ch.openConnections).toBeGreaterThan(0);
+    expect(ch.peakConnections).toBeLessThanOrEqual(CONNECTIONS_PER_SOCKET);
+    await waitFor(() => ch.openConnections === 0, "the idle connections are closed", 2000);
   });
 });
 
