@@ -51,7 +51,8 @@ export class VfiodProcess {
       nodeArgs.push("--cpu-prof", `--cpu-prof-dir=${path.resolve(profDir)}`, `--cpu-prof-name=vfiod-${options.label ?? "bench"}-${Date.now()}.cpuprofile`);
     }
     const child = spawn(process.execPath, [...nodeArgs, MAIN_JS, "--listen", "127.0.0.1:0", ...options.args], {
-      env: { PATH: process.env.PATH },
+      // As deploy/vfiod.service and the container image run it (the unit says why).
+      env: { PATH: process.env.PATH, MALLOC_ARENA_MAX: "2" },
       stdio: ["ignore", "ignore", "pipe"],
     });
     const problems: string[] = [];

@@ -44,7 +44,10 @@ function unitSettings(text: string): Map<string, string[]> {
 
 const unit = unitSettings(read("vfiod.service"));
 const setting = (key: string) => unit.get(key) ?? [];
-const unitEnv = Object.fromEntries(setting("Environment").map((assignment) => assignment.split(/=(.*)/s).slice(0, 2)));
+/** The unit's Environment= assignments, every one. */
+const unitAssignments: Record<string, string> = Object.fromEntries(setting("Environment").map((assignment) => assignment.split(/=(.*)/s).slice(0, 2)));
+/** Those that are vfiod's settings. */
+const unitEnv: Record<string, string> = Object.fromEntries(Object.entries(unitAssignments).filter(([name]) => name.startsWith("VFIOD_")));
 
 /** vfiod's usage text, which lists every flag. */
 const USAGE = (() => {
@@ -95,6 +98,13 @@ describe("deploy/vfiod.service", () => {
     expect(config.listen).toBe("0.0.0.0:50051");
     expect(config.tlsClientCa).toBeDefined();
     expect(config.allowClients).toEqual(new Set(["control-plane"]));
+  });
+
+  test("runs node with two malloc arenas, as the container image does (and the bench)", () => {
+    const others = Object.entries(unitAssignments).filter(([name]) => !name.startsWith("VFIOD_"));
+    expect(others).toEqual([["MALLOC_ARENA_MAX", "2"]]);
+    expect(read("Containerfile")).toMatch(/^ENV MALLOC_ARENA_MAX=2$/m);
+    expect(fs.readFileSync(path.join(CHECKOUT, "bench/vfiod-process.ts"), "utf8")).toContain('MALLOC_ARENA_MAX: "2"');
   });
 
   test("leaves what vfiod needs: /proc of other processes visible, W^X off for V8's JIT, cocoon's run dirs writable", () => {
