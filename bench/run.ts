@@ -247,9 +247,9 @@ async function overhead(f: Fixture): Promise<void> {
   await local(vfiodCycle)(3000);
   const sent = await requestsOf(double, vfiodCycle);
   // Short blocks: a cycle takes 5 times a raw run, so a stall of the machine lasting a few hundred ms
-  // (seen here: a block of 50 cycles at 5.5 ms p50 between blocks at 1.9) spoils one block of 20, not a
+  // (seen here: a block of 50 cycles at 5.5 ms p50 between blocks at 1.9) spoils one block of 40, not a
   // quarter of the samples.
-  const [viaVfiod, direct] = await alternate(20, rounds(10), 150, local(vfiodCycle), raw(sent));
+  const [viaVfiod, direct] = await alternate(40, rounds(10), 150, local(vfiodCycle), raw(sent));
   report(
     "Attach+Detach via vfiod vs its raw requests, p50",
     "ms",
