@@ -8,6 +8,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { companionId } from "../../src/device-id";
 import { createDeviceClient, errorReason, type DeviceClient } from "../../src/grpc/client";
 import type {
   CallFailure,
@@ -259,6 +260,24 @@ async function bootTrack(lab: Recorder, config: LabConfig, c: DeviceClient, boot
   });
   await lab.step("L2 guest lost the whole group", GUEST_MS, seeBoth("DEL", from));
   await lab.step("list l2 after whole-group detach", LIST_MS, list);
+
+  // All or nothing, on real QEMU: with the companion's derived id taken (by the NIC), QEMU takes the
+  // requested function, the companion is refused, and vfiod takes the requested function out again.
+  const taken = await lab.step("attach NIC under the companion's id", ATTACH_MS, async () =>
+    attached(await c.attach({ vm, pci: nic.bdf, id: companionId("lab-group", audio.bdf) }, { timeoutMs: ATTACH_MS })),
+  );
+  from = fileSize(serial);
+  await lab.step(
+    "whole-group attach meets a taken companion id",
+    ATTACH_MS,
+    async () => attached(await c.attach({ vm, pci: primary.bdf, id: "lab-group", wholeGroup: true }, { timeoutMs: ATTACH_MS })),
+    { refusal: "ID_IN_USE", keepGoing: true },
+  );
+  await lab.step("L2 guest saw the requested function come and go", GUEST_MS, async () => ({
+    lines: [await guestLine(serial, "ADD", primary, from), await guestLine(serial, "DEL", primary, from)],
+  }));
+  await lab.step("list l2 after the rollback", LIST_MS, list);
+  await lab.step("detach NIC under the companion's id", DETACH_MS, () => detached(c, vm, taken.device.id));
 }
 
 /** The firmware-only VM: attach works, detach stays pending, List still has it. */

@@ -201,6 +201,22 @@ describeLab(`VFIO lab${skip === undefined ? "" : ` (skipped: ${skip})`}`, () => 
       const left = value("list l2 after whole-group detach").devices;
       must(left.length === 0, `l2 still lists ${bdfs(left).join(", ")}`);
     });
+
+    test("whole-group Attach whose companion's id is taken is refused, and the function QEMU had taken is removed again", () => {
+      const [primary] = result().config.devices.group;
+      const { nic } = result().config.devices;
+      const s = step("whole-group attach meets a taken companion id");
+      const f = s.failure;
+      must(f !== undefined, `the whole-group Attach was not refused: ${s.error ?? JSON.stringify(s.value)}`);
+      must(f.reason === "ID_IN_USE", `refused with reason ${f.reason}, want ID_IN_USE: ${f.details}`);
+      must(f.details.includes(`rolled back: lab-group (${primary.bdf}) removed again`), `no rollback of ${primary.bdf} said: ${f.details}`);
+      const [came, went] = value("L2 guest saw the requested function come and go").lines;
+      must(came!.guestBdf === went!.guestBdf, `the guest gained ${primary.bdf} at ${came!.guestBdf} but "${went!.line}" went`);
+      const left = value("list l2 after the rollback").devices.map((d) => `${d.id}=${d.bdf}`);
+      const holder = `${value("attach NIC under the companion's id").device.id}=${nic.bdf}`;
+      must(JSON.stringify(left) === JSON.stringify([holder]), `l2 lists ${left.join(", ")}; want only ${holder}`);
+      must(step("detach NIC under the companion's id").ok, "the NIC holding the companion's id was not detached");
+    });
   });
 
   test("Attach of 00:1f.2 (non-viable group) is refused by vfiod's preflight, naming its companions", () => {

@@ -112,6 +112,11 @@ export interface StepValues {
   "whole-group detach": Record<string, never>;
   "L2 guest lost the whole group": { lines: GuestLine[] };
   "list l2 after whole-group detach": { devices: LabDevice[] };
+  "attach NIC under the companion's id": { device: LabDevice };
+  "whole-group attach meets a taken companion id": { device: LabDevice };
+  "L2 guest saw the requested function come and go": { lines: GuestLine[] };
+  "list l2 after the rollback": { devices: LabDevice[] };
+  "detach NIC under the companion's id": Record<string, never>;
   "attach spare to l2fw": { device: LabDevice };
   "detach from l2fw": Record<string, never>;
   "list l2fw after detach": { devices: LabDevice[] };
