@@ -23,6 +23,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { FreshReads } from "../fresh-reads";
+import { readCommandLine } from "./command-lines";
 import type { Logger } from "../log";
 import type { PciAddress } from "../pci/address";
 import { pciDevicesDir, readLinkName } from "./sysfs";
@@ -156,14 +157,17 @@ export class VfioHolders {
     return found;
   }
 
-  /** What /proc says of one process ("?" for a command that cannot be read). */
+  /**
+   * What /proc says of one process ("?" for a command that cannot be read; no
+   * arguments when they cannot be read, or not within readCommandLine's bound).
+   */
   async process(pid: number): Promise<HolderProcess> {
     const dir = path.join(this.procRoot, String(pid));
-    const [comm, cmdline] = await Promise.all([
+    const [comm, args] = await Promise.all([
       fsp.readFile(path.join(dir, "comm"), "utf8").catch(() => "?"),
-      fsp.readFile(path.join(dir, "cmdline"), "utf8").catch(() => ""),
+      readCommandLine(path.join(dir, "cmdline")).catch(() => []),
     ]);
-    return { pid, command: comm.trim(), args: cmdline.split("\0").filter((arg) => arg !== "") };
+    return { pid, command: comm.trim(), args };
   }
 
   private async scan(): Promise<Map<string, number[]>> {

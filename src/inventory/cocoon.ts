@@ -6,6 +6,7 @@
 // the type cocoon writes, or the file is refused as something vfiod misreads.
 import fsp from "node:fs/promises";
 import path from "node:path";
+import { CommandLineStuck, readCommandLine } from "../host/command-lines";
 import { commandLineNamesSocket } from "./command-line";
 import type { VmRecord } from "./vm";
 import { isJsonObject, type JsonObject } from "../json";
@@ -124,9 +125,9 @@ function exeBasename(link: string): string {
 }
 
 // Reading /proc races the process exiting: ENOENT then just means "gone".
-async function readProc(pid: number, read: () => Promise<string>): Promise<{ text: string } | { why: string }> {
+async function readProc<T>(pid: number, read: () => Promise<T>): Promise<{ value: T } | { why: string }> {
   try {
-    return { text: await read() };
+    return { value: await read() };
   } catch (err) {
     const code = errnoOf(err);
     return { why: code === "ENOENT" ? `process ${pid} is not running` : `process ${pid} cannot be inspected (${code})` };
@@ -147,10 +148,14 @@ async function whyNotRunning(vm: CocoonVm, procRoot: string): Promise<string | u
   const proc = path.join(procRoot, String(pid));
   const exe = await readProc(pid, () => fsp.readlink(path.join(proc, "exe")));
   if ("why" in exe) return exe.why;
-  if (exeBasename(exe.text) !== vm.binary) return `process ${pid} is not ${vm.binary}`;
-  const cmdline = await readProc(pid, () => fsp.readFile(path.join(proc, "cmdline"), "utf8"));
-  if ("why" in cmdline) return cmdline.why;
-  if (!commandLineNamesSocket(cmdline.text.split("\0"), vm.record.socket)) {
+  if (exeBasename(exe.value) !== vm.binary) return `process ${pid} is not ${vm.binary}`;
+  // A process stuck in the kernel (a first VFIO attach pinning a large guest's RAM takes
+  // minutes) keeps its command line: its exe says it is the hypervisor, and the VM's
+  // socket answers for itself.
+  const stuck = (err: unknown) => (err instanceof CommandLineStuck ? undefined : Promise.reject(err));
+  const args = await readProc(pid, () => readCommandLine(path.join(proc, "cmdline")).catch(stuck));
+  if ("why" in args) return args.why;
+  if (args.value !== undefined && !commandLineNamesSocket(args.value, vm.record.socket)) {
     return `process ${pid} is not serving ${vm.record.socket}`;
   }
   return undefined;

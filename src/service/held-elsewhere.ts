@@ -22,6 +22,8 @@ export interface Holder {
   readonly id?: string;
   /** When vfiod last learnt it, for knowledge rather than the kernel's word (ms since epoch). */
   readonly knownAt?: number;
+  /** The process's arguments could not be read (it may be stuck in the kernel), so no VM could be matched. */
+  readonly argsUnread?: true;
 }
 
 export interface HeldElsewhereDeps {
@@ -70,7 +72,8 @@ export class HeldElsewhere {
   /** The VM whose control socket the process's command line names, if any. */
   identify(process: HolderProcess, records: readonly VmRecord[]): Holder {
     const vm = records.find((record) => commandLineNamesSocket(process.args, record.socket));
-    return { pid: process.pid, command: commandLineOf(process), ...(vm === undefined ? {} : { vm }) };
+    const unread = process.args.length === 0 ? { argsUnread: true as const } : {};
+    return { pid: process.pid, command: commandLineOf(process), ...unread, ...(vm === undefined ? {} : { vm }) };
   }
 }
 
@@ -91,9 +94,13 @@ function inUse(device: PciAddress, holder: Holder, heldBdf = device.bdf): VfiodE
         : `host PCI device ${heldBdf}, in the same IOMMU group as ${device.bdf}, is attached to VM ${holder.vm.name}`;
     return new VfiodError("DEVICE_IN_USE", `${what} (${how}); detach it there first`, { meta });
   }
+  const who =
+    holder.argsUnread === true
+      ? "whose command line vfiod cannot read now (a process stuck in the kernel), so it cannot tell which VM it may be"
+      : "which is no VM vfiod knows";
   return new VfiodError(
     "DEVICE_IN_USE",
-    `host PCI device ${device.bdf} is held open by process ${holder.pid} (${holder.command}), which is no VM vfiod knows; ` +
+    `host PCI device ${device.bdf} is held open by process ${holder.pid} (${holder.command}), ${who}; ` +
       "stop it or let it release the device first",
     { meta: { ...meta, command: holder.command } },
   );

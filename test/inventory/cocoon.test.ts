@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -10,6 +11,7 @@ import {
   type CocoonBackend,
   type CocoonVm,
 } from "../../src/inventory/cocoon";
+import { COMMAND_LINE_WAIT_MS } from "../../src/host/command-lines";
 
 const GPU_ID = "K7Q2MZ4XW3ABCDEFGHJ2345677";
 const IDLE_ID = "K7QAAAAAAAAAAAAAAAAAAAAAAA";
@@ -233,6 +235,21 @@ describe("checkCocoonVm", () => {
     const vm = cocoonVm("running", "4242\n");
     fakeProcess(4242, "/usr/bin/cloud-hypervisor");
     expect(await notRunning(vm)).toBe("process 4242 is not running");
+  });
+
+  test("a cloud-hypervisor stuck in the kernel (its cmdline does not come) is taken as the VM's, within the bound", async () => {
+    const vm = cocoonVm("running", "4242\n");
+    fakeProcess(4242, "/usr/bin/cloud-hypervisor");
+    const cmdline = path.join(procRoot, "4242", "cmdline");
+    execFileSync("mkfifo", [cmdline]);
+    try {
+      const started = performance.now();
+      expect(await notRunning(vm)).toBeUndefined();
+      expect(performance.now() - started).toBeLessThan(COMMAND_LINE_WAIT_MS + 2000);
+    } finally {
+      // A writer ends the read still blocked on the FIFO.
+      fs.closeSync(fs.openSync(cmdline, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));
+    }
   });
 
   test("a cloud-hypervisor serving another VM's socket", async () => {

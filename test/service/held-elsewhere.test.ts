@@ -3,12 +3,13 @@
 // gRPC. The fake sysfs tree's dev/vfio/<group> files stand in for the group nodes;
 // real processes hold them open: a `sleep`, or a Cloud Hypervisor double's stand-in
 // VMM process whose command line names its API socket.
-import { spawn, type ChildProcess } from "node:child_process";
+import { execFileSync, spawn, type ChildProcess } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { CloudHypervisorSockets } from "../../src/backends/cloud-hypervisor/client";
 import { createDeviceClient } from "../../src/grpc/client";
+import { COMMAND_LINE_WAIT_MS } from "../../src/host/command-lines";
 import { ChDouble } from "../support/ch-double";
 import { buildFakeSysfs, type FakeSysfs } from "../support/fake-sysfs";
 import { skipOutsideCi } from "../support/skip";
@@ -93,6 +94,29 @@ describe("the kernel's view", () => {
     holder.kill("SIGKILL");
     await waitFor(() => holder.exitCode !== null || holder.signalCode !== null, "the holder exits");
     await expect(client.attach({ vm: "vm-a", pci: GPU, id: "gpu0" })).resolves.toMatchObject({ device: { id: "gpu0" } });
+  });
+
+  test("a holder whose command line does not come (stuck in the kernel): DEVICE_IN_USE within the bound, saying why no VM is named", async () => {
+    // A fake /proc: one process holding the group node, whose cmdline is a FIFO no one writes.
+    const procRoot = path.join(dir, "proc");
+    fs.mkdirSync(path.join(procRoot, "1", "fd"), { recursive: true });
+    const holder = path.join(procRoot, "4242");
+    fs.mkdirSync(path.join(holder, "fd"), { recursive: true });
+    fs.symlinkSync(path.join(sysfs.root, "dev/vfio/12"), path.join(holder, "fd", "7"));
+    fs.writeFileSync(path.join(holder, "comm"), "cloud-hyperviso\n");
+    execFileSync("mkfifo", [path.join(holder, "cmdline")]);
+    try {
+      server = await startTestServer({ inventoryFile, sysfsRoot: sysfs.root, procRoot, detachTimeoutMs: 300 });
+      const started = performance.now();
+      const err = await failure(server.client.attach({ vm: "vm-a", pci: GPU, id: "gpu0" }));
+      expect(performance.now() - started).toBeLessThan(COMMAND_LINE_WAIT_MS + 2000);
+      expect(err.reason).toBe("DEVICE_IN_USE");
+      expect(err.message).toContain("process 4242 (cloud-hyperviso), whose command line vfiod cannot read now");
+      expect(adds("vm-a")).toEqual([]);
+    } finally {
+      // A writer ends the read still blocked on the FIFO.
+      fs.closeSync(fs.openSync(path.join(holder, "cmdline"), fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));
+    }
   });
 
   test("a VM's hypervisor holding the group (attached behind vfiod's back): DEVICE_IN_USE naming that VM; the other VM not asked", async () => {
