@@ -12,9 +12,7 @@ import fsp from "node:fs/promises";
 export const COMMAND_LINE_WAIT_MS = 2000;
 
 /** The process is stuck in the kernel: its command line did not come within the bound. */
-export class CommandLineStuck extends Error {
-  readonly code = "ETIMEDOUT";
-}
+export class CommandLineStuck extends Error {}
 
 const inFlight = new Map<string, Promise<string>>();
 
