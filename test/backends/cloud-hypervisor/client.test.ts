@@ -347,31 +347,19 @@ describe("CH's refusals", () => {
     );
   });
 
-  test("a 5xx is HYPERVISOR_ERROR INTERNAL with CH's text", async () => {
-    const { ch, client } = await start();
-    const chain = [
-      "Error from API",
-      "The device could not be added to the VM",
-      "Error from device manager",
-      "Cannot create a VFIO device",
-      "group is not viable",
-    ];
-    ch.inject("vm.add-device", { kind: "respond", status: 500, body: JSON.stringify(chain) });
-    const error = await failure(client.addDevice({ path: GPU }, signal()), "HYPERVISOR_ERROR", Code.INTERNAL);
-    expect(error.message).toContain(chain.join(": "));
-  });
-
-  test("the kernel's EBUSY on the group (another process holds it) is DEVICE_IN_USE with CH's text", async () => {
-    const { ch, client } = await start();
-    const chain = [
-      "Error from API",
-      "The device could not be added to the VM",
-      "Error from device manager",
-      "Cannot create a VFIO device",
+  test.each([
+    ["a 5xx is HYPERVISOR_ERROR INTERNAL with CH's text", "group is not viable", "HYPERVISOR_ERROR", Code.INTERNAL],
+    [
+      "the kernel's EBUSY on the group (another process holds it) is DEVICE_IN_USE with CH's text",
       "failed to open /dev/vfio/12 group: Device or resource busy (os error 16)",
-    ];
+      "DEVICE_IN_USE",
+      Code.FAILED_PRECONDITION,
+    ],
+  ] as const)("%s", async (_what, cause, reason, code) => {
+    const { ch, client } = await start();
+    const chain = ["Error from API", "The device could not be added to the VM", "Error from device manager", "Cannot create a VFIO device", cause];
     ch.inject("vm.add-device", { kind: "respond", status: 500, body: JSON.stringify(chain) });
-    const error = await failure(client.addDevice({ path: GPU }, signal()), "DEVICE_IN_USE", Code.FAILED_PRECONDITION);
+    const error = await failure(client.addDevice({ path: GPU }, signal()), reason, code);
     expect(error.message).toContain(chain.join(": "));
   });
 
