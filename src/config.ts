@@ -150,7 +150,7 @@ function buildCommand(): Command {
     .addOption(
       duration(
         "--hypervisor-timeout <duration>",
-        "bound on each hypervisor request when the caller gave no earlier deadline",
+        "bound on each hypervisor request when the caller gave no earlier deadline, and on waiting for cocoon's ops.lock",
         DEFAULT_HYPERVISOR_TIMEOUT_MS,
         `${DEFAULT_HYPERVISOR_TIMEOUT_MS / 1000}s`,
       ),

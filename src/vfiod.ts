@@ -121,6 +121,7 @@ export function assembleVfiod(options: VfiodOptions): Vfiod {
     view,
     locks,
     detachTimeoutMs: options.detachTimeoutMs,
+    opsLockWaitMs: hypervisorTimeoutMs,
     allowList: options.allowList,
     binding,
   });

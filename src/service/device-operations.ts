@@ -35,6 +35,8 @@ export interface DeviceOperationsDeps {
   readonly locks: KeyedLocks;
   /** How long Detach waits for the guest to release a device. */
   readonly detachTimeoutMs: number;
+  /** The longest a mutation waits for cocoon's ops.lock (--hypervisor-timeout). */
+  readonly opsLockWaitMs: number;
   /** --allow-devices; undefined allows every device. */
   readonly allowList?: DeviceAllowList;
   /** --manage-binding; undefined: a managed Attach is BINDING_DISABLED. */
@@ -278,7 +280,7 @@ export class DeviceOperations {
       });
     const lockPath = vm.opsLockPath;
     return this.deps.locks.run(`vm:${vm.id}`, call.waitSignal, busy, () =>
-      lockPath === undefined ? fn() : withOpsFlock(lockPath, vm.name, call.waitSignal, fn),
+      lockPath === undefined ? fn() : withOpsFlock(lockPath, vm.name, call.waitSignal, this.deps.opsLockWaitMs, fn),
     );
   }
 }

@@ -13,12 +13,21 @@ const flockNonBlocking = (fd: number) =>
 const RETRY_MS = 25;
 
 /**
- * Runs `fn` holding an exclusive flock on `lockPath` (created if missing, never deleted).
- * @throws VM_BUSY when the signal aborts before the lock is free.
+ * Runs `fn` holding an exclusive flock on `lockPath` (created if missing, never deleted),
+ * waiting for it until the signal aborts or, the caller's deadline or not, `maxWaitMs`:
+ * the holder is another process (a cocoon snapshot or stop), which nothing of vfiod's bounds.
+ * @throws VM_BUSY when the lock is not free in time.
  */
-export async function withOpsFlock<T>(lockPath: string, vmName: string, signal: AbortSignal, fn: () => Promise<T>): Promise<T> {
+export async function withOpsFlock<T>(
+  lockPath: string,
+  vmName: string,
+  signal: AbortSignal,
+  maxWaitMs: number,
+  fn: () => Promise<T>,
+): Promise<T> {
   const file = await fs.open(lockPath, "a", 0o644);
   try {
+    const giveUpAt = performance.now() + maxWaitMs;
     for (;;) {
       try {
         await flockNonBlocking(file.fd);
@@ -26,7 +35,7 @@ export async function withOpsFlock<T>(lockPath: string, vmName: string, signal: 
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "EAGAIN" && (err as NodeJS.ErrnoException).code !== "EWOULDBLOCK") throw err;
       }
-      if (signal.aborted) {
+      if (signal.aborted || performance.now() >= giveUpAt) {
         throw new VfiodError("VM_BUSY", `VM ${vmName} is locked by another cocoon operation (snapshot, stop, ...); retry later`, {
           meta: { vm: vmName },
         });

@@ -64,6 +64,8 @@ function lockIsFree(file: string, mode: "exclusive" | "shared" = "exclusive"): b
 }
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+/** --hypervisor-timeout of the gRPC tests' vfiod: also its bound on waiting for cocoon's ops.lock. */
+const HYPERVISOR_TIMEOUT_MS = 1500;
 
 let dir: string;
 beforeEach(() => {
@@ -88,7 +90,7 @@ describeFlock("withOpsFlock against another process holding the lock", () => {
     const holder = await holdFlock(lockFile());
     expect(lockIsFree(lockFile())).toBe(false);
     const seen: { releasing: boolean; freeInside: boolean; sharedInside: boolean }[] = [];
-    const running = withOpsFlock(lockFile(), "busy-vm", AbortSignal.timeout(30_000), async () => {
+    const running = withOpsFlock(lockFile(), "busy-vm", AbortSignal.timeout(30_000), 30_000, async () => {
       seen.push({
         releasing: holder.releasing,
         freeInside: lockIsFree(lockFile()),
@@ -108,6 +110,8 @@ describeFlock("withOpsFlock against another process holding the lock", () => {
 
   test.each([
     ["its deadline passes", () => AbortSignal.timeout(300)],
+    // A caller with no deadline: vfiod's own bound (--hypervisor-timeout) ends the wait.
+    ["vfiod's own bound passes", () => new AbortController().signal, 300],
     [
       "its caller cancels",
       () => {
@@ -116,11 +120,11 @@ describeFlock("withOpsFlock against another process holding the lock", () => {
         return cancel.signal;
       },
     ],
-  ])("gives up with VM_BUSY (ABORTED) when %s, never running fn", async (_when, makeSignal) => {
+  ] as [string, () => AbortSignal, number?][])("gives up with VM_BUSY (ABORTED) when %s, never running fn", async (_when, makeSignal, maxWaitMs = 30_000) => {
     const holder = await holdFlock(lockFile());
     const fn = jest.fn(async () => "ran");
     const started = Date.now();
-    const err = await vfiodRejection(withOpsFlock(lockFile(), "busy-vm", makeSignal(), fn));
+    const err = await vfiodRejection(withOpsFlock(lockFile(), "busy-vm", makeSignal(), maxWaitMs, fn));
     expect(Date.now() - started).toBeGreaterThanOrEqual(290); // it waited for the signal
     expect(err).toMatchObject({ reason: "VM_BUSY", code: Code.ABORTED, meta: { vm: "busy-vm" } });
     expect(err.message).toContain("VM busy-vm is locked by another cocoon operation");
@@ -164,7 +168,13 @@ describeFlock("Attach to a cocoon VM whose ops.lock another process holds, over 
     ch = await ChDouble.start(socket, { sysfsRoot: sysfs.root });
     ch.setState("Running");
     auditFile = path.join(dir, "audit.jsonl");
-    server = await startTestServer({ cocoonRoot: root, procRoot, sysfsRoot: sysfs.root, server: { audit: AuditLog.open(auditFile) } });
+    server = await startTestServer({
+      cocoonRoot: root,
+      procRoot,
+      sysfsRoot: sysfs.root,
+      hypervisorTimeoutMs: HYPERVISOR_TIMEOUT_MS,
+      server: { audit: AuditLog.open(auditFile) },
+    });
   });
 
   afterEach(async () => {
@@ -174,6 +184,18 @@ describeFlock("Attach to a cocoon VM whose ops.lock another process holds, over 
   });
 
   const addDevices = () => ch.requests.filter((r) => r.endpoint === "vm.add-device");
+
+  test("Attach with no deadline waits for the lock at most --hypervisor-timeout, then answers VM_BUSY; CH gets no add-device", async () => {
+    const holder = await holdFlock(path.join(runDir, "ops.lock"));
+    const started = Date.now();
+    const failed = await failure(server.client.attach({ vm: "busy-vm", pci: GPU, id: "gpu0" }));
+    const elapsed = Date.now() - started;
+    expect(elapsed).toBeGreaterThanOrEqual(HYPERVISOR_TIMEOUT_MS - 50);
+    expect(elapsed).toBeLessThan(HYPERVISOR_TIMEOUT_MS + 5000);
+    expect({ code: failed.code, reason: failed.reason }).toEqual({ code: grpc.status.ABORTED, reason: "VM_BUSY" });
+    expect(addDevices()).toEqual([]);
+    await holder.release();
+  });
   const audited = () => readAuditLog(auditFile);
 
   test("Attach with a 1 s deadline waits for the lock, then answers ABORTED (VM_BUSY) before the deadline; CH gets no add-device", async () => {
