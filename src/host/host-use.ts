@@ -21,6 +21,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import { VfiodError } from "../errors";
+import { readProcText } from "./proc-reads";
 import { pciDevicesDir, readText } from "./sysfs";
 import { commandLineOf, type VfioHolders } from "./vfio-holders";
 
@@ -107,8 +108,9 @@ export class HostUseCheck {
 
   private async mountsAndSwaps(trees: Map<string, DeviceTree>, uses: Map<string, string[]>): Promise<void> {
     // vfiod's own mount namespace, and init's (the host's, when vfiod runs in a container with the host's pids).
+    // Unreadable, or stuck behind a hung unmount: "cannot tell" below, which refuses.
     const mountinfos = await Promise.all(
-      ["self", "1"].map((pid) => fs.readFile(path.join(this.procRoot, pid, "mountinfo"), "utf8").catch(() => undefined)),
+      ["self", "1"].map((pid) => readProcText(path.join(this.procRoot, pid, "mountinfo")).catch(() => undefined)),
     );
     const mounts = mountinfos.flatMap((text) => (text === undefined ? [] : parseMountinfo(text)));
     const swaps: string[] | undefined = await fs.readFile(path.join(this.procRoot, "swaps"), "utf8").then(

@@ -3,11 +3,13 @@
 // asked: over real gRPC, on fake sysfs trees and a fake /proc
 // (../support/fake-host.ts describes their shape). The same device unused is
 // bound and attached, so the check refuses uses, not devices.
+import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { status } from "@grpc/grpc-js";
 import { DeviceAllowList } from "../../src/host/device-allow-list";
+import { PROC_READ_WAIT_MS } from "../../src/host/proc-reads";
 import { ChDouble } from "../support/ch-double";
 import { FakeKernel, RecordingWriter } from "../support/fake-kernel";
 import { addDrm, addInterface, addNvme, addNvmeMultipath, buildFakeProc, setAttribute, type FakeProc } from "../support/fake-host";
@@ -170,6 +172,22 @@ test("what cannot be read is a use too: no mountinfo means vfiod cannot tell whe
   fs.rmSync(path.join(proc.root, "self/mountinfo"));
   fs.rmSync(path.join(proc.root, "1/mountinfo"));
   expect(await refusedFor(NVME)).toContain("cannot tell whether its block devices are mounted");
+});
+
+test("a mountinfo stuck behind a hung unmount is a use too, answered within the bound", async () => {
+  const stuck = ["self/mountinfo", "1/mountinfo"].map((file) => path.join(proc.root, file));
+  for (const file of stuck) {
+    fs.rmSync(file);
+    execFileSync("mkfifo", [file]);
+  }
+  try {
+    const started = performance.now();
+    expect(await refusedFor(NVME)).toContain("cannot tell whether its block devices are mounted");
+    expect(performance.now() - started).toBeLessThan(PROC_READ_WAIT_MS + 3000);
+  } finally {
+    // A writer ends each read still blocked on a FIFO.
+    for (const file of stuck) fs.closeSync(fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));
+  }
 });
 
 test("every use of the device is named, in one refusal", async () => {

@@ -1,13 +1,13 @@
-// Command lines read from /proc-like files: a FIFO no one writes stands in for the
-// cmdline of a process stuck in the kernel (a read of it blocks a libuv pool thread
-// the same way, until a writer comes).
+// Reads of /proc-like files: a FIFO no one writes stands in for the cmdline of a
+// process stuck in the kernel, or a mountinfo behind a hung unmount (a read of it
+// blocks a libuv pool thread the same way, until a writer comes).
 import { execFileSync } from "node:child_process";
 import fs from "node:fs";
 import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { CommandLineStuck, readCommandLine } from "../../src/host/command-lines";
+import { ProcReadStuck, readCommandLine } from "../../src/host/proc-reads";
 
 let dir: string;
 const fifos: string[] = [];
@@ -30,7 +30,7 @@ function stuckCmdline(): string {
   return fifo;
 }
 
-describe("readCommandLine", () => {
+describe("readProcText and readCommandLine", () => {
   test("the arguments, split at NUL", async () => {
     const file = path.join(dir, "cmdline");
     fs.writeFileSync(file, "cloud-hypervisor\0--api-socket\0path=/run/vm.sock\0");
@@ -41,9 +41,9 @@ describe("readCommandLine", () => {
     await expect(readCommandLine(path.join(dir, "gone"))).rejects.toMatchObject({ code: "ENOENT" });
   });
 
-  test("a process stuck in the kernel: CommandLineStuck after the bound, not a hang", async () => {
+  test("a process stuck in the kernel: ProcReadStuck after the bound, not a hang", async () => {
     const started = performance.now();
-    await expect(readCommandLine(stuckCmdline(), 200)).rejects.toBeInstanceOf(CommandLineStuck);
+    await expect(readCommandLine(stuckCmdline(), 200)).rejects.toBeInstanceOf(ProcReadStuck);
     expect(performance.now() - started).toBeLessThan(2000);
   });
 
@@ -55,6 +55,6 @@ describe("readCommandLine", () => {
     fs.writeFileSync(other, "still served");
     const served = await Promise.race([fsp.readFile(other, "utf8"), sleep(2000).then(() => "not within 2 s: the pool is taken")]);
     expect(served).toBe("still served");
-    for (const err of await Promise.all(callers)) expect(err).toBeInstanceOf(CommandLineStuck);
+    for (const err of await Promise.all(callers)) expect(err).toBeInstanceOf(ProcReadStuck);
   });
 });
