@@ -11,7 +11,10 @@
 //   - a process holds one of its device nodes open (/dev/nvme0n1, /dev/nvme0,
 //     /dev/dri/card0...: every node under it, found by its `dev` and uevent DEVNAME,
 //     checked in /proc/<pid>/fd by the same scan as VFIO holders).
-// What cannot be read is a use too ("cannot tell"): vfiod binds nothing it is unsure of.
+// What cannot be read is a use too ("cannot tell"): vfiod binds nothing it is unsure of,
+// and that includes an attribute the kernel shows under a lock something stuck holds
+// (sriov_numvfs and uevent under the device's lock, an interface's flags under RTNL on
+// some kernels), read through kernel-reads.ts so it costs 2 s, never the event loop.
 //
 // The device's sysfs directory is walked (real directories only, never symlinks,
 // bounded), so nodes at any depth count: <dev>/nvme/nvme0/nvme0n1/nvme0n1p1,
@@ -21,7 +24,7 @@
 import fs from "node:fs/promises";
 import path from "node:path";
 import { VfiodError } from "../errors";
-import { readProcText } from "./proc-reads";
+import { KERNEL_READ_WAIT_MS, KernelReadStuck, readKernelText } from "./kernel-reads";
 import { pciDevicesDir, readText } from "./sysfs";
 import { commandLineOf, type VfioHolders } from "./vfio-holders";
 
@@ -49,6 +52,21 @@ interface DeviceTree {
   readonly interfaces: { readonly name: string; readonly up: boolean }[];
   /** Set when the walk stopped early. */
   incomplete?: string;
+}
+
+const STUCK = Symbol("stuck");
+/** Why an attribute shown under a kernel lock did not answer. */
+const STUCK_ATTRIBUTE = `no answer within ${KERNEL_READ_WAIT_MS / 1000} s (the kernel lock it is shown under is held: a driver stuck probing, unbinding or stopping?)`;
+
+/**
+ * An attribute the kernel shows under a lock (the device's, or RTNL for an interface):
+ * its text; undefined when it cannot be read; STUCK when it did not answer in time.
+ */
+function lockedAttribute(file: string): Promise<string | undefined | typeof STUCK> {
+  return readKernelText(file).then(
+    (text) => text.trim(),
+    (err: unknown) => (err instanceof KernelReadStuck ? STUCK : undefined),
+  );
 }
 
 export class HostUseCheck {
@@ -87,8 +105,9 @@ export class HostUseCheck {
       if (readText(path.join(dir, "boot_vga")) === "1") {
         found.push("it is the boot VGA device (the firmware console's framebuffer)");
       }
-      const vfs = Number(readText(path.join(dir, "sriov_numvfs")));
-      if (vfs > 0) found.push(`it has ${vfs} SR-IOV virtual functions enabled (unbinding its driver removes them)`);
+      const vfs = await lockedAttribute(path.join(dir, "sriov_numvfs"));
+      if (vfs === STUCK) found.push(`cannot tell whether it has SR-IOV virtual functions: ${STUCK_ATTRIBUTE}`);
+      else if (Number(vfs) > 0) found.push(`it has ${vfs} SR-IOV virtual functions enabled (unbinding its driver removes them)`);
       const tree = await this.walk(dir);
       if (tree.incomplete !== undefined) found.push(`cannot tell: ${tree.incomplete}`);
       for (const net of tree.interfaces) if (net.up) found.push(`network interface ${net.name} is up`);
@@ -110,7 +129,7 @@ export class HostUseCheck {
     // vfiod's own mount namespace, and init's (the host's, when vfiod runs in a container with the host's pids).
     // Unreadable, or stuck behind a hung unmount: "cannot tell" below, which refuses.
     const mountinfos = await Promise.all(
-      ["self", "1"].map((pid) => readProcText(path.join(this.procRoot, pid, "mountinfo")).catch(() => undefined)),
+      ["self", "1"].map((pid) => readKernelText(path.join(this.procRoot, pid, "mountinfo")).catch(() => undefined)),
     );
     const mounts = mountinfos.flatMap((text) => (text === undefined ? [] : parseMountinfo(text)));
     const swaps: string[] | undefined = await fs.readFile(path.join(this.procRoot, "swaps"), "utf8").then(
@@ -190,14 +209,23 @@ export class HostUseCheck {
       () => path.basename(path.dirname(dir)), // no subsystem link: the class directory's name (net/eth0)
     );
     if (subsystem === "net") {
-      const flags = Number.parseInt(readText(path.join(dir, "flags")) ?? "", 16);
-      const operstate = readText(path.join(dir, "operstate"));
+      const [flagsText, operstate] = await Promise.all([lockedAttribute(path.join(dir, "flags")), lockedAttribute(path.join(dir, "operstate"))]);
+      if (flagsText === STUCK || operstate === STUCK) {
+        tree.incomplete = `network interface ${name}: ${STUCK_ATTRIBUTE}`;
+        return;
+      }
+      const flags = Number.parseInt(flagsText ?? "", 16);
       tree.interfaces.push({ name, up: (!Number.isNaN(flags) && (flags & IFF_UP) !== 0) || operstate === "up" });
       return;
     }
     const devno = readText(path.join(dir, "dev"));
     if (devno !== undefined) {
-      const devname = /^DEVNAME=(.+)$/m.exec(readText(path.join(dir, "uevent")) ?? "")?.[1];
+      const uevent = await lockedAttribute(path.join(dir, "uevent"));
+      if (uevent === STUCK) {
+        tree.incomplete = `${path.join(dir, "uevent")}: ${STUCK_ATTRIBUTE}`;
+        return;
+      }
+      const devname = /^DEVNAME=(.+)$/m.exec(uevent ?? "")?.[1];
       const node = `/dev/${devname ?? name}`;
       if (!tree.nodes.includes(node)) tree.nodes.push(node);
       if (subsystem === "block" && !seenBlocks.has(devno)) {

@@ -23,7 +23,7 @@ import fsp from "node:fs/promises";
 import path from "node:path";
 import { setImmediate as yieldToLoop } from "node:timers/promises";
 import { FreshReads } from "../fresh-reads";
-import { readCommandLine } from "./proc-reads";
+import { readCommandLine } from "./kernel-reads";
 import type { Logger } from "../log";
 import type { PciAddress } from "../pci/address";
 import { pciDevicesDir, readLinkName } from "./sysfs";

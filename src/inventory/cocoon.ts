@@ -6,7 +6,7 @@
 // the type cocoon writes, or the file is refused as something vfiod misreads.
 import fsp from "node:fs/promises";
 import path from "node:path";
-import { ProcReadStuck, readCommandLine } from "../host/proc-reads";
+import { KernelReadStuck, readCommandLine } from "../host/kernel-reads";
 import { commandLineNamesSocket } from "./command-line";
 import type { VmRecord } from "./vm";
 import { isJsonObject, type JsonObject } from "../json";
@@ -152,7 +152,7 @@ async function whyNotRunning(vm: CocoonVm, procRoot: string): Promise<string | u
   // A process stuck in the kernel (a first VFIO attach pinning a large guest's RAM takes
   // minutes) keeps its command line: its exe says it is the hypervisor, and the VM's
   // socket answers for itself.
-  const stuck = (err: unknown) => (err instanceof ProcReadStuck ? undefined : Promise.reject(err));
+  const stuck = (err: unknown) => (err instanceof KernelReadStuck ? undefined : Promise.reject(err));
   const args = await readProc(pid, () => readCommandLine(path.join(proc, "cmdline")).catch(stuck));
   if ("why" in args) return args.why;
   if (args.value !== undefined && !commandLineNamesSocket(args.value, vm.record.socket)) {

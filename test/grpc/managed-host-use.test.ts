@@ -9,7 +9,7 @@ import os from "node:os";
 import path from "node:path";
 import { status } from "@grpc/grpc-js";
 import { DeviceAllowList } from "../../src/host/device-allow-list";
-import { PROC_READ_WAIT_MS } from "../../src/host/proc-reads";
+import { KERNEL_READ_WAIT_MS } from "../../src/host/kernel-reads";
 import { ChDouble } from "../support/ch-double";
 import { FakeKernel, RecordingWriter } from "../support/fake-kernel";
 import { addDrm, addInterface, addNvme, addNvmeMultipath, buildFakeProc, setAttribute, type FakeProc } from "../support/fake-host";
@@ -174,20 +174,46 @@ test("what cannot be read is a use too: no mountinfo means vfiod cannot tell whe
   expect(await refusedFor(NVME)).toContain("cannot tell whether its block devices are mounted");
 });
 
-test("a mountinfo stuck behind a hung unmount is a use too, answered within the bound", async () => {
-  const stuck = ["self/mountinfo", "1/mountinfo"].map((file) => path.join(proc.root, file));
-  for (const file of stuck) {
-    fs.rmSync(file);
-    execFileSync("mkfifo", [file]);
+describe("a kernel file that does not answer (a lock held by something stuck) is a use too, answered within the bound", () => {
+  /** Replaces `files` by FIFOs no one writes, runs `check`, then lets the blocked reads end. */
+  async function withStuck(files: string[], check: () => Promise<void>): Promise<void> {
+    for (const file of files) {
+      fs.rmSync(file);
+      execFileSync("mkfifo", [file]);
+    }
+    try {
+      const started = performance.now();
+      await check();
+      expect(performance.now() - started).toBeLessThan(KERNEL_READ_WAIT_MS + 3000);
+    } finally {
+      for (const file of files) fs.closeSync(fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));
+    }
   }
-  try {
-    const started = performance.now();
-    expect(await refusedFor(NVME)).toContain("cannot tell whether its block devices are mounted");
-    expect(performance.now() - started).toBeLessThan(PROC_READ_WAIT_MS + 3000);
-  } finally {
-    // A writer ends each read still blocked on a FIFO.
-    for (const file of stuck) fs.closeSync(fs.openSync(file, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));
-  }
+
+  test("mountinfo, behind a hung unmount", async () => {
+    await withStuck([path.join(proc.root, "self/mountinfo"), path.join(proc.root, "1/mountinfo")], async () => {
+      expect(await refusedFor(NVME)).toContain("cannot tell whether its block devices are mounted");
+    });
+  });
+
+  test("sriov_numvfs, behind a driver holding the device's lock", async () => {
+    setAttribute(sysfs, NIC, "sriov_numvfs", "0");
+    await withStuck([path.join(sysfs.deviceDir(NIC), "sriov_numvfs")], async () => {
+      expect(await refusedFor(NIC)).toContain("cannot tell whether it has SR-IOV virtual functions: no answer within 2 s");
+    });
+  });
+
+  test("an interface's flags, behind RTNL", async () => {
+    await withStuck([path.join(sysfs.deviceDir(NIC), "net/enp2s0/flags")], async () => {
+      expect(await refusedFor(NIC)).toContain("cannot tell: network interface enp2s0: no answer within 2 s");
+    });
+  });
+
+  test("a DRM node's uevent (its device name), behind the same lock", async () => {
+    await withStuck([path.join(sysfs.deviceDir(GPU), "drm/card0/uevent")], async () => {
+      expect(await refusedFor(GPU, true)).toMatch(/cannot tell: \S+drm\/card0\/uevent: no answer within 2 s/);
+    });
+  });
 });
 
 test("every use of the device is named, in one refusal", async () => {

@@ -11,7 +11,7 @@ import {
   type CocoonBackend,
   type CocoonVm,
 } from "../../src/inventory/cocoon";
-import { PROC_READ_WAIT_MS } from "../../src/host/proc-reads";
+import { KERNEL_READ_WAIT_MS } from "../../src/host/kernel-reads";
 
 const GPU_ID = "K7Q2MZ4XW3ABCDEFGHJ2345677";
 const IDLE_ID = "K7QAAAAAAAAAAAAAAAAAAAAAAA";
@@ -245,7 +245,7 @@ describe("checkCocoonVm", () => {
     try {
       const started = performance.now();
       expect(await notRunning(vm)).toBeUndefined();
-      expect(performance.now() - started).toBeLessThan(PROC_READ_WAIT_MS + 2000);
+      expect(performance.now() - started).toBeLessThan(KERNEL_READ_WAIT_MS + 2000);
     } finally {
       // A writer ends the read still blocked on the FIFO.
       fs.closeSync(fs.openSync(cmdline, fs.constants.O_WRONLY | fs.constants.O_NONBLOCK));

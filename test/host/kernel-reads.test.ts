@@ -7,7 +7,7 @@ import fsp from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { ProcReadStuck, readCommandLine } from "../../src/host/proc-reads";
+import { KernelReadStuck, readCommandLine } from "../../src/host/kernel-reads";
 
 let dir: string;
 const fifos: string[] = [];
@@ -30,7 +30,7 @@ function stuckCmdline(): string {
   return fifo;
 }
 
-describe("readProcText and readCommandLine", () => {
+describe("readKernelText and readCommandLine", () => {
   test("the arguments, split at NUL", async () => {
     const file = path.join(dir, "cmdline");
     fs.writeFileSync(file, "cloud-hypervisor\0--api-socket\0path=/run/vm.sock\0");
@@ -41,9 +41,9 @@ describe("readProcText and readCommandLine", () => {
     await expect(readCommandLine(path.join(dir, "gone"))).rejects.toMatchObject({ code: "ENOENT" });
   });
 
-  test("a process stuck in the kernel: ProcReadStuck after the bound, not a hang", async () => {
+  test("a process stuck in the kernel: KernelReadStuck after the bound, not a hang", async () => {
     const started = performance.now();
-    await expect(readCommandLine(stuckCmdline(), 200)).rejects.toBeInstanceOf(ProcReadStuck);
+    await expect(readCommandLine(stuckCmdline(), 200)).rejects.toBeInstanceOf(KernelReadStuck);
     expect(performance.now() - started).toBeLessThan(2000);
   });
 
@@ -55,6 +55,6 @@ describe("readProcText and readCommandLine", () => {
     fs.writeFileSync(other, "still served");
     const served = await Promise.race([fsp.readFile(other, "utf8"), sleep(2000).then(() => "not within 2 s: the pool is taken")]);
     expect(served).toBe("still served");
-    for (const err of await Promise.all(callers)) expect(err).toBeInstanceOf(ProcReadStuck);
+    for (const err of await Promise.all(callers)) expect(err).toBeInstanceOf(KernelReadStuck);
   });
 });
