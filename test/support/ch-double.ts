@@ -7,6 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { listenOn } from "./listen";
 import { VmmProcess } from "./vmm-process";
 
 /** Which CH behaviour to imitate where versions differ (§3 status table, null vs absent). */
@@ -216,10 +217,7 @@ export class ChDouble {
     const server = net.createServer();
     const double = new ChDouble(server, socketPath, options);
     server.on("connection", (socket) => double.accept(socket));
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(socketPath, resolve);
-    });
+    await listenOn(server, socketPath);
     return double;
   }
 

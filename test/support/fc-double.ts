@@ -3,6 +3,7 @@
 // the way Firecracker's micro_http does (as the CH double does:
 // ../shared/reference/cloud-hypervisor.md §1), over a Unix socket.
 import net from "node:net";
+import { listenOn } from "./listen";
 
 export type FcState = "Not started" | "Running" | "Paused";
 
@@ -20,10 +21,7 @@ export class FcDouble {
     const server = net.createServer();
     const double = new FcDouble(server, socketPath);
     server.on("connection", (socket) => double.accept(socket));
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(socketPath, resolve);
-    });
+    await listenOn(server, socketPath);
     return double;
   }
 

@@ -4,6 +4,7 @@
 import fs from "node:fs";
 import http from "node:http";
 import net from "node:net";
+import { listenOn } from "./listen";
 
 /** A VFIO device as a List should report it. */
 export interface HeldDevice {
@@ -115,10 +116,7 @@ export async function qmpHolds(socketPath: string, timeoutMs = 10_000): Promise<
 export async function refusingSocketFile(socketPath: string): Promise<void> {
   const server = net.createServer();
   const scratch = `${socketPath}.listening`;
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(scratch, resolve);
-  });
+  await listenOn(server, scratch);
   // Node unlinks the path it listened on when the server closes: move the file away first.
   fs.renameSync(scratch, socketPath);
   await new Promise<void>((resolve) => server.close(() => resolve()));

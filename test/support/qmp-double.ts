@@ -7,6 +7,7 @@ import fs from "node:fs";
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
+import { listenOn } from "./listen";
 
 export interface QmpDoubleOptions {
   /** query-status: "running" (default; firmware has numbered the buses), "paused", "prelaunch". */
@@ -94,10 +95,7 @@ export class QmpDouble {
     const server = net.createServer();
     const double = new QmpDouble(server, dir, options);
     server.on("connection", (socket) => double.accept(socket));
-    await new Promise<void>((resolve, reject) => {
-      server.once("error", reject);
-      server.listen(double.socket, resolve);
-    });
+    await listenOn(server, double.socket);
     return double;
   }
 
