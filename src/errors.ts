@@ -115,6 +115,11 @@ export function isVfiodError(err: unknown, reason?: Reason): err is VfiodError {
   return err instanceof VfiodError && (reason === undefined || err.reason === reason);
 }
 
+/** A failed file operation's errno code ("ENOENT"), or "unknown error". */
+export function errnoOf(err: unknown): string {
+  return (err as NodeJS.ErrnoException).code ?? "unknown error";
+}
+
 /**
  * Turns the abort of a caller's signal into the error the caller should see:
  * DEADLINE_EXCEEDED when its deadline passed, CANCELLED when it went away.

@@ -6,6 +6,7 @@
 // the type cocoon writes, or the file is refused as something vfiod misreads.
 import fsp from "node:fs/promises";
 import path from "node:path";
+import { errnoOf } from "../errors";
 import { KernelReadStuck, readCommandLine } from "../host/kernel-reads";
 import { commandLineNamesSocket } from "./command-line";
 import type { VmRecord } from "./vm";
@@ -113,10 +114,6 @@ export function parseCocoonIndex(text: string, root: string, backend: CocoonBack
   if (doc.vms === undefined || doc.vms === null) return [];
   if (!isJsonObject(doc.vms)) throw new Error("vms: must be an object keyed by VM id");
   return Object.entries(doc.vms).map(([id, raw]) => parseVm(id, raw, root, backend));
-}
-
-function errnoOf(err: unknown): string {
-  return (err as NodeJS.ErrnoException).code ?? "unknown error";
 }
 
 // A hypervisor upgraded under a running VM leaves its exe link as "<path> (deleted)".

@@ -4,7 +4,7 @@
 // cocoon replaces its index by rename, which a watch on the old inode misses.
 import fs, { type Stats } from "node:fs";
 import fsp from "node:fs/promises";
-import { isVfiodError, VfiodError } from "../errors";
+import { errnoOf, isVfiodError, VfiodError } from "../errors";
 import type { Logger } from "../log";
 import {
   checkCocoonVm,
@@ -31,10 +31,6 @@ export interface InventoryOptions {
   /** Hypervisor types vfiod has a backend for: a static entry naming another is refused alone. */
   hypervisors?: ReadonlySet<string>;
   log: Logger;
-}
-
-function errnoOf(err: unknown): string {
-  return (err as NodeJS.ErrnoException).code ?? "unknown error";
 }
 
 /** What a file held when last read: a missing file holds no VMs. */
